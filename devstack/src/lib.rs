@@ -1,0 +1,12 @@
+//! devstack: the local whist stack, for development and tests. Never linked into a service.
+//!
+//! It brings up, on free loopback ports:
+//! - a throwaway PostgreSQL cluster with the `whist` migrations applied ([`postgres`]);
+//! - a Hasura-compatible GraphQL endpoint over it ([`hasura`]): queries and mutations over HTTP,
+//!   live-query subscriptions over WebSocket (`graphql-transport-ws` and legacy `graphql-ws`);
+//! - moto's server as the EC2 and S3 API ([`moto`]);
+//! - a fake IMDSv2 with a settable identity per host process ([`imds`]).
+
+pub mod hasura;
+pub mod postgres;
+pub mod testing;

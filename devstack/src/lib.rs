@@ -8,5 +8,8 @@
 //! - a fake IMDSv2 with a settable identity per host process ([`imds`]).
 
 pub mod hasura;
+pub mod imds;
+pub mod moto;
 pub mod postgres;
+pub mod stack;
 pub mod testing;

@@ -1,1 +1,150 @@
-fn main() {}
+//! `whist-devstack`: the local whist stack in one command.
+//!
+//! `whist-devstack up` starts, on free loopback ports: a throwaway PostgreSQL cluster with the
+//! migrations applied, the Hasura-compatible GraphQL endpoint, moto's server (EC2 and S3) and a
+//! fake IMDSv2, then writes `.devstack/env` (sourceable: `DATABASE_URL`, `HASURA_GRAPHQL_URL`,
+//! `HASURA_ADMIN_SECRET`, `AWS_ENDPOINT_URL`, `AWS_EC2_METADATA_SERVICE_ENDPOINT`, ...) and runs
+//! until Ctrl-C or SIGTERM, when it stops everything and removes its temporary state.
+//!
+//! `whist-devstack print-schema` prints the GraphQL schema the stand-in generates from the
+//! migrations (what `schema.graphql` holds).
+//!
+//! Exit codes: 0 after a clean stop, 1 when something could not start or stop, 2 bad arguments.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use devstack::imds::Identity;
+use devstack::stack::{Stack, StackOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "whist-devstack", version, about = "The local whist stack")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (EnvFilter syntax).
+    #[arg(long, env = "WHIST_LOG", default_value = "info", global = true)]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the stack and run until Ctrl-C.
+    Up(UpArgs),
+    /// Print the GraphQL schema generated from the migrations.
+    PrintSchema,
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Directory for the env file and the PostgreSQL cluster.
+    #[arg(long, env = "WHIST_DEVSTACK_DIR", default_value = ".devstack")]
+    state_dir: PathBuf,
+    /// moto_server executable (from the virtualenv `make setup` creates).
+    #[arg(long, env = "WHIST_MOTO_SERVER", default_value = ".venv/bin/moto_server")]
+    moto_server: PathBuf,
+    /// Run without moto (no EC2/S3 API).
+    #[arg(long)]
+    no_moto: bool,
+    /// GraphQL port (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    graphql_port: u16,
+    /// Control API port (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    control_port: u16,
+    /// Instance id of the default fake IMDS identity.
+    #[arg(long, default_value = "i-0local000000000001")]
+    instance_id: String,
+    /// Region of the default fake IMDS identity.
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = logger::LogConfig {
+        filter: cli.log.clone(),
+        ..logger::LogConfig::development("devstack")
+    };
+    let _guard = match logger::init(&config) {
+        Ok(g) => g,
+        Err(error) => {
+            eprintln!("whist-devstack: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(error) => {
+            eprintln!("whist-devstack: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up(args).await,
+            Command::PrintSchema => print_schema().await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("whist-devstack: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let options = StackOptions {
+        state_dir: args.state_dir,
+        moto_bin: (!args.no_moto).then_some(args.moto_server),
+        graphql_port: args.graphql_port,
+        control_port: args.control_port,
+        admin_secret: None,
+        default_identity: Identity::local(&args.instance_id, &args.region),
+    };
+    let stack = Stack::up(options).await?;
+    println!("whist-devstack is up:");
+    for (name, value) in stack.env() {
+        if name.contains("SECRET") {
+            println!("  {name:<34} (in the env file)");
+        } else {
+            println!("  {name:<34} {value}");
+        }
+    }
+    println!("\nIn another shell: . {}", stack.env_file().display());
+    println!("Ctrl-C stops the stack and removes its state.");
+    wait_for_stop_signal().await;
+    println!("\nstopping...");
+    stack.down().await?;
+    println!("stopped.");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn print_schema() -> anyhow::Result<()> {
+    let postgres = devstack::postgres::Postgres::start(None)?;
+    let url = postgres.url("postgres");
+    let mut client = devstack::postgres::connect(&url).await?;
+    database::migrate(&mut client).await?;
+    let hasura =
+        devstack::hasura::Hasura::new(&url, devstack::hasura::HasuraOptions::default()).await?;
+    print!("{}", hasura.sdl());
+    Ok(())
+}

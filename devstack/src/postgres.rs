@@ -262,3 +262,21 @@ fn chown_to_postgres(path: &Path) -> Result<(), PostgresError> {
         },
     )
 }
+
+/// Stops a server left running by a killed devstack (best effort: the directory is removed next).
+pub fn stop_leftover(data_dir: &Path) {
+    let Ok(pg_ctl) = find_binary("pg_ctl") else {
+        return;
+    };
+    let run_as_postgres = nix::unistd::geteuid().is_root();
+    let result = run(
+        "pg_ctl stop (leftover cluster)",
+        command(run_as_postgres, &pg_ctl)
+            .arg("-D")
+            .arg(data_dir)
+            .args(["-m", "immediate", "-w", "stop"]),
+    );
+    if let Err(error) = result {
+        tracing::warn!(%error, data_dir = %data_dir.display(), "could not stop a leftover PostgreSQL");
+    }
+}

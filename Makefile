@@ -1,0 +1,88 @@
+# whist-backend. The two commands for a fresh machine:
+#   make run    brings the local stack up (Ctrl-C stops it)
+#   make test   runs the whole test suite
+# Both install what they need (Debian packages, the Python virtualenv) idempotently.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# Build output lives outside the clone so a fresh clone on the same machine builds warm.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/whist-backend-target
+CARGO ?= cargo
+VENV := .venv
+PYTHON ?= python3
+STAMPS := $(CARGO_TARGET_DIR)/whist-stamps
+APT_PACKAGES := postgresql
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help setup setup-system setup-python build run test check fmt clippy bench schema \
+        run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb
+
+help:
+	@echo "make run     start the local stack (PostgreSQL, GraphQL, moto, fake IMDS); Ctrl-C stops it"
+	@echo "make test    run the whole test suite (installs what it needs)"
+	@echo "make check   cargo fmt --check + clippy -D warnings + make test"
+	@echo "make bench   print the benchmarks' figures"
+	@echo "make schema  regenerate schema.graphql from the migrations"
+	@echo "make run_host_service / run_host_service_localdevwithdb / run_scaling_service"
+
+setup: setup-system setup-python
+
+# PostgreSQL's server binaries (initdb, pg_ctl) are what devstack needs.
+setup-system:
+	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing $(APT_PACKAGES)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
+setup-python: $(VENV)/.installed
+
+$(VENV)/.installed: devstack/python/requirements.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r devstack/python/requirements.txt
+	@touch $@
+
+build:
+	$(CARGO) build --workspace --all-targets
+
+run: setup
+	$(CARGO) build -p devstack
+	$(CARGO_TARGET_DIR)/debug/whist-devstack up
+
+test: setup
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+	$(CARGO) test --workspace --doc
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+check: fmt clippy test
+
+bench: setup
+	$(CARGO) run -q -p devstack --bin whist-bench -- all
+
+schema:
+	$(CARGO) run -q -p devstack --bin whist-devstack -- print-schema > schema.graphql.new
+	mv schema.graphql.new schema.graphql
+
+# The services against the local stack: start `make run` first, in another terminal.
+run_host_service_localdevwithdb:
+	@test -f .devstack/env || { echo "start the stack first: make run"; exit 1; }
+	. .devstack/env && APP_ENV=localdevwithdb $(CARGO) run -p host-service --bin whist-host-service
+
+run_host_service:
+	APP_ENV=localdev $(CARGO) run -p host-service --bin whist-host-service
+
+run_scaling_service_localdevwithdb:
+	@test -f .devstack/env || { echo "start the stack first: make run"; exit 1; }
+	. .devstack/env && APP_ENV=localdevwithdb $(CARGO) run -p scaling-service --bin whist-scaling-service
+
+run_scaling_service: run_scaling_service_localdevwithdb

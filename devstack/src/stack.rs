@@ -1,0 +1,319 @@
+//! The whole local stack as one value: [`Stack::up`] starts every part on free loopback ports and
+//! writes the env file; [`Stack::down`] stops them and removes the temporary state.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::Json;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{delete, get, post};
+use serde::Serialize;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::hasura::{Hasura, HasuraOptions};
+use crate::imds::{FakeImds, Identity};
+use crate::moto::Moto;
+use crate::postgres::Postgres;
+
+/// The env file's name inside the state directory.
+pub const ENV_FILE: &str = "env";
+const PID_FILE: &str = "devstack.pid";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Where the env file, the pid file and the PostgreSQL cluster live (`.devstack`).
+    pub state_dir: PathBuf,
+    /// `moto_server` to run; `None` runs the stack without EC2/S3.
+    pub moto_bin: Option<PathBuf>,
+    /// Port for the GraphQL endpoint (0: a free one).
+    pub graphql_port: u16,
+    /// Port for devstack's control API (0: a free one).
+    pub control_port: u16,
+    /// The admin secret Hasura enforces; random when `None`.
+    pub admin_secret: Option<String>,
+    /// The identity of the default fake IMDS (`AWS_EC2_METADATA_SERVICE_ENDPOINT`).
+    pub default_identity: Identity,
+}
+
+/// A running stack.
+#[derive(Debug)]
+pub struct Stack {
+    state_dir: PathBuf,
+    postgres: Postgres,
+    database_url: String,
+    graphql_addr: SocketAddr,
+    control_addr: SocketAddr,
+    admin_secret: String,
+    moto: Option<Moto>,
+    default_imds: FakeImds,
+    extra_imds: Arc<Mutex<BTreeMap<u16, FakeImds>>>,
+    shutdown: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Stack {
+    pub async fn up(options: StackOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.state_dir)
+            .with_context(|| format!("creating {}", options.state_dir.display()))?;
+        let state_dir = options
+            .state_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", options.state_dir.display()))?;
+        claim_state_dir(&state_dir)?;
+
+        let postgres = Postgres::start(Some(&state_dir)).context("starting PostgreSQL")?;
+        let database_url = postgres.url("postgres");
+        let mut sql = crate::postgres::connect(&database_url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        let report = database::migrate(&mut sql).await.context("migrating")?;
+        tracing::info!(applied = ?report.applied, "migrations applied");
+
+        let admin_secret = options
+            .admin_secret
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+        let hasura = Hasura::new(
+            &database_url,
+            HasuraOptions {
+                admin_secret: Some(admin_secret.clone()),
+                ..HasuraOptions::default()
+            },
+        )
+        .await
+        .context("starting the GraphQL endpoint")?;
+
+        let shutdown = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let graphql_listener = bind(options.graphql_port).await?;
+        let graphql_addr = graphql_listener.local_addr()?;
+        tasks.spawn({
+            let token = shutdown.clone();
+            async move {
+                if let Err(error) = hasura.serve(graphql_listener, token).await {
+                    tracing::error!(%error, "GraphQL endpoint failed");
+                }
+            }
+        });
+
+        let moto = match &options.moto_bin {
+            Some(bin) => Some(Moto::start(bin).await.context("starting moto")?),
+            None => None,
+        };
+        let default_imds = FakeImds::spawn(options.default_identity.clone()).await?;
+
+        let extra_imds = Arc::new(Mutex::new(BTreeMap::new()));
+        let control_listener = bind(options.control_port).await?;
+        let control_addr = control_listener.local_addr()?;
+        let control = axum::Router::new()
+            .route("/healthz", get(|| async { "OK" }))
+            .route("/imds", post(create_imds))
+            .route("/imds/{port}", delete(delete_imds))
+            .with_state(extra_imds.clone());
+        tasks.spawn({
+            let token = shutdown.clone();
+            async move {
+                if let Err(error) = axum::serve(control_listener, control)
+                    .with_graceful_shutdown(token.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(%error, "control API failed");
+                }
+            }
+        });
+
+        let stack = Self {
+            state_dir,
+            postgres,
+            database_url,
+            graphql_addr,
+            control_addr,
+            admin_secret,
+            moto,
+            default_imds,
+            extra_imds,
+            shutdown,
+            tasks,
+        };
+        stack.write_env_file()?;
+        Ok(stack)
+    }
+
+    /// The variables the services and tools need, in the order they are written.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("DATABASE_URL", self.database_url.clone()),
+            (
+                "HASURA_GRAPHQL_URL",
+                format!("http://{}/v1/graphql", self.graphql_addr),
+            ),
+            ("HASURA_ADMIN_SECRET", self.admin_secret.clone()),
+            (
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                self.default_imds.endpoint(),
+            ),
+            (
+                "WHIST_DEVSTACK_CONTROL_URL",
+                format!("http://{}", self.control_addr),
+            ),
+        ];
+        if let Some(moto) = &self.moto {
+            env.extend([
+                ("AWS_ENDPOINT_URL", moto.endpoint()),
+                ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+                ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+                ("AWS_REGION", "us-east-1".to_owned()),
+            ]);
+        }
+        env
+    }
+
+    pub fn env_file(&self) -> PathBuf {
+        self.state_dir.join(ENV_FILE)
+    }
+
+    /// The default IMDS identity.
+    pub fn default_identity(&self) -> Identity {
+        self.default_imds.identity()
+    }
+
+    fn write_env_file(&self) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut text = String::from(
+            "# Written by whist-devstack; removed when it stops. Source it: . .devstack/env\n",
+        );
+        for (name, value) in self.env() {
+            text.push_str(&format!("export {name}={}\n", shell_quote(&value)));
+        }
+        let path = self.env_file();
+        let tmp = self.state_dir.join(".env.tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600) // it holds the admin secret
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Stops everything and removes the temporary state.
+    pub async fn down(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        if let Some(moto) = self.moto.take() {
+            moto.stop().await;
+        }
+        for (_, imds) in std::mem::take(&mut *self.extra_imds.lock().await) {
+            imds.stop().await;
+        }
+        self.postgres.stop().context("stopping PostgreSQL")?;
+        let _ = std::fs::remove_file(self.env_file());
+        let _ = std::fs::remove_file(self.state_dir.join(PID_FILE));
+        Ok(())
+    }
+}
+
+async fn bind(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{port}"))
+}
+
+#[derive(Debug, Serialize)]
+struct ImdsCreated {
+    endpoint: String,
+    port: u16,
+}
+
+async fn create_imds(
+    State(registry): State<Arc<Mutex<BTreeMap<u16, FakeImds>>>>,
+    Json(identity): Json<Identity>,
+) -> impl IntoResponse {
+    match FakeImds::spawn(identity).await {
+        Ok(imds) => {
+            let created = ImdsCreated {
+                endpoint: imds.endpoint(),
+                port: imds.addr().port(),
+            };
+            registry.lock().await.insert(created.port, imds);
+            (StatusCode::CREATED, Json(serde_json::json!(created)))
+        }
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": error.to_string() })),
+        ),
+    }
+}
+
+async fn delete_imds(
+    State(registry): State<Arc<Mutex<BTreeMap<u16, FakeImds>>>>,
+    UrlPath(port): UrlPath<u16>,
+) -> impl IntoResponse {
+    let removed = registry.lock().await.remove(&port);
+    match removed {
+        Some(imds) => {
+            imds.stop().await;
+            StatusCode::NO_CONTENT
+        }
+        None => StatusCode::NOT_FOUND,
+    }
+}
+
+/// Makes sure no other devstack uses `state_dir`, and clears what a killed one left behind.
+fn claim_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+    let pid_file = state_dir.join(PID_FILE);
+    if let Ok(text) = std::fs::read_to_string(&pid_file)
+        && let Ok(pid) = text.trim().parse::<i32>()
+        && pid != std::process::id() as i32
+        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    {
+        anyhow::bail!(
+            "another whist-devstack (pid {pid}) is using {}; stop it first (Ctrl-C in its terminal)",
+            state_dir.display()
+        );
+    }
+    // A devstack that was killed leaves its PostgreSQL running; stop it and remove its files.
+    for entry in std::fs::read_dir(state_dir)?.flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with("whist-pg-") {
+            let data = entry.path().join("data");
+            if data.join("postmaster.pid").exists() {
+                crate::postgres::stop_leftover(&data);
+            }
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let _ = std::fs::remove_file(state_dir.join(ENV_FILE));
+    std::fs::write(&pid_file, std::process::id().to_string())
+        .with_context(|| format!("writing {}", pid_file.display()))?;
+    Ok(())
+}
+
+/// Single-quotes a value for a POSIX shell.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn shell_quote_survives_quotes() {
+        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
+        assert_eq!(shell_quote("http://x/y?z=1&q"), "'http://x/y?z=1&q'");
+    }
+}

@@ -1,0 +1,178 @@
+//! The fake IMDS, moto and the assembled stack, exercised over their real wire protocols.
+
+use std::path::PathBuf;
+
+use devstack::imds::{FakeImds, Identity, TOKEN_HEADER, TOKEN_TTL_HEADER};
+use reqwest::StatusCode;
+
+fn moto_bin() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/moto_server"))
+}
+
+async fn token(client: &reqwest::Client, endpoint: &str) -> String {
+    let response = client
+        .put(format!("{endpoint}/latest/api/token"))
+        .header(TOKEN_TTL_HEADER, "21600")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[TOKEN_TTL_HEADER], "21600",
+        "the AWS SDK refuses a token answered without its TTL header"
+    );
+    response.text().await.unwrap()
+}
+
+async fn get(client: &reqwest::Client, url: String, token: &str) -> (StatusCode, String) {
+    let response = client
+        .get(url)
+        .header(TOKEN_HEADER, token)
+        .send()
+        .await
+        .unwrap();
+    (response.status(), response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn imds_serves_the_identity_only_to_token_holders() {
+    let mut identity = Identity::local("i-0abc", "us-west-2");
+    identity.tags.insert("Env".into(), "dev".into());
+    let imds = FakeImds::spawn(identity.clone()).await.unwrap();
+    let endpoint = imds.endpoint();
+    let client = reqwest::Client::new();
+
+    // IMDSv1-style GETs are refused.
+    let v1 = client
+        .get(format!("{endpoint}/latest/meta-data/instance-id"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(v1.status(), StatusCode::UNAUTHORIZED);
+    // A token request needs a TTL, and a proxied one is refused.
+    let no_ttl = client
+        .put(format!("{endpoint}/latest/api/token"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_ttl.status(), StatusCode::BAD_REQUEST);
+    let proxied = client
+        .put(format!("{endpoint}/latest/api/token"))
+        .header(TOKEN_TTL_HEADER, "60")
+        .header("X-Forwarded-For", "10.0.0.1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), StatusCode::FORBIDDEN);
+
+    let token = token(&client, &endpoint).await;
+    let base = format!("{endpoint}/latest/meta-data");
+    for (path, expected) in [
+        ("instance-id", "i-0abc"),
+        ("ami-id", identity.ami_id.as_str()),
+        ("instance-type", "g4dn.xlarge"),
+        ("placement/region", "us-west-2"),
+        ("placement/availability-zone", "us-west-2a"),
+        ("public-ipv4", "127.0.0.1"),
+        ("tags/instance/Name", "local-i-0abc"),
+        ("tags/instance/Env", "dev"),
+    ] {
+        assert_eq!(
+            get(&client, format!("{base}/{path}"), &token).await,
+            (StatusCode::OK, expected.to_owned()),
+            "{path}"
+        );
+    }
+    assert_eq!(
+        get(&client, format!("{base}/tags/instance"), &token).await,
+        (StatusCode::OK, "Env\nName".to_owned())
+    );
+    assert_eq!(
+        get(&client, format!("{base}/tags/instance/Missing"), &token)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&client, format!("{base}/instance-id"), "forged").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // A changed identity is served from then on, e.g. an instance without a public address.
+    identity.public_ipv4 = None;
+    imds.set_identity(identity);
+    assert_eq!(
+        get(&client, format!("{base}/public-ipv4"), &token).await.0,
+        StatusCode::NOT_FOUND
+    );
+    imds.stop().await;
+}
+
+#[tokio::test]
+async fn imds_identities_are_independent_per_listener() {
+    let a = FakeImds::spawn(Identity::local("i-a", "us-east-1"))
+        .await
+        .unwrap();
+    let b = FakeImds::spawn(Identity::local("i-b", "ca-central-1"))
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    for (imds, id) in [(&a, "i-a"), (&b, "i-b")] {
+        let token = token(&client, &imds.endpoint()).await;
+        let (status, body) = get(
+            &client,
+            format!("{}/latest/meta-data/instance-id", imds.endpoint()),
+            &token,
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, id));
+    }
+    // A token is only good at the IMDS that issued it.
+    let token_a = token(&client, &a.endpoint()).await;
+    let (status, _) = get(
+        &client,
+        format!("{}/latest/meta-data/instance-id", b.endpoint()),
+        &token_a,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn moto_serves_ec2_and_is_stopped() {
+    let moto = devstack::moto::Moto::start(&moto_bin()).await.unwrap();
+    let endpoint = moto.endpoint();
+    let client = reqwest::Client::new();
+    // An EC2 Query API call: moto does not check signatures.
+    let response = client
+        .post(&endpoint)
+        .header(
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/ec2/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body("Action=DescribeInstances&Version=2016-11-15")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("DescribeInstancesResponse"), "{body}");
+    let port = moto.port();
+    moto.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "moto must be gone after stop"
+    );
+}
+
+#[tokio::test]
+async fn missing_moto_is_a_clear_error() {
+    let error = devstack::moto::Moto::start(std::path::Path::new("/nonexistent/moto_server"))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("make setup"), "{error}");
+}

@@ -12,10 +12,12 @@
 //! Secrets are kept out of logs by type: wrap them in [`Secret`], whose `Debug` and `Display`
 //! print `[redacted]`.
 
+mod args;
 mod secret;
 
 use std::str::FromStr;
 
+pub use args::{AppEnv, LogArgs};
 pub use secret::{REDACTED, Secret};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;

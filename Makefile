@@ -16,7 +16,7 @@ STAMPS := $(CARGO_TARGET_DIR)/whist-stamps
 APT_PACKAGES := postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup setup-system setup-python build run test check fmt clippy bench schema \
+.PHONY: help setup setup-system setup-python setup-image build run test check fmt clippy bench schema \
         run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb
 
 help:
@@ -27,7 +27,7 @@ help:
 	@echo "make schema  regenerate schema.graphql from the migrations"
 	@echo "make run_host_service / run_host_service_localdevwithdb / run_scaling_service"
 
-setup: setup-system setup-python
+setup: setup-system setup-python setup-image
 
 # PostgreSQL's server binaries (initdb, pg_ctl) are what devstack needs.
 setup-system:
@@ -42,6 +42,15 @@ $(VENV)/.installed: devstack/python/requirements.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r devstack/python/requirements.txt
 	@touch $@
+
+# The mandelbox test image (a static stub FROM scratch): no registry is reachable, so it is built
+# locally whenever the stub's sources change.
+setup-image: $(STAMPS)/mandelbox-image
+
+$(STAMPS)/mandelbox-image: devstack/mandelbox/Dockerfile devstack/mandelbox/build-image.sh $(wildcard devstack/mandelbox/src/*.rs)
+	@command -v docker >/dev/null || { echo "Docker is required (the host service's tests run mandelboxes on it)"; exit 1; }
+	devstack/mandelbox/build-image.sh
+	@mkdir -p $(STAMPS) && touch $@
 
 build:
 	$(CARGO) build --workspace --all-targets

@@ -1,1 +1,70 @@
-fn main() {}
+//! `whist-scaling-service`: see the library's documentation for what it does and reads.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use scaling_service::config::{Args, BUILD_COMMIT};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let log_config = args
+        .log
+        .to_config("scaling-service", args.app_env, BUILD_COMMIT);
+    let _logger = match logger::init(&log_config) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("whist-scaling-service: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match args.validate() {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(%error, "invalid configuration");
+            eprintln!("whist-scaling-service: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing::info!(?config, "starting");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(error) => {
+            eprintln!("whist-scaling-service: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let result = runtime.block_on(async {
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        scaling_service::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "fatal");
+            eprintln!("whist-scaling-service: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received, shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,301 @@
+//! The host service's configuration: flags with environment fallbacks, validated once into
+//! [`Config`], and logged at start with secrets redacted.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use logger::{AppEnv, LogArgs, Secret};
+
+/// The git commit this binary was built from (`WHIST_COMMIT` at build time), checked against the
+/// instance row's `client_sha` at registration.
+pub const BUILD_COMMIT: &str = match option_env!("WHIST_COMMIT") {
+    Some(c) => c,
+    None => "dev",
+};
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "whist-host-service",
+    version,
+    about = "Runs mandelboxes on this host: registers with the database, starts what is allocated here, drains on request"
+)]
+pub struct Args {
+    /// Deployment environment: localdev, localdevwithdb, dev, staging or prod.
+    #[arg(long, env = "APP_ENV")]
+    pub app_env: AppEnv,
+    /// Hasura's GraphQL URL (https outside local development). Not needed in localdev.
+    #[arg(long, env = "HASURA_GRAPHQL_URL")]
+    pub graphql_url: Option<String>,
+    /// Hasura's admin secret.
+    #[arg(long, env = "HASURA_ADMIN_SECRET", hide_env_values = true)]
+    pub admin_secret: Option<Secret<String>>,
+    /// IMDS endpoint override (local development); by default the SDK's chain.
+    #[arg(long, env = "AWS_EC2_METADATA_SERVICE_ENDPOINT")]
+    pub imds_endpoint: Option<String>,
+    /// Docker Engine socket.
+    #[arg(long, env = "DOCKER_SOCKET", default_value = crate::docker::DEFAULT_SOCKET)]
+    pub docker_socket: PathBuf,
+    /// Root of the mandelboxes' files on the host.
+    #[arg(long, env = "WHIST_ROOT", default_value = "/whist")]
+    pub root_dir: PathBuf,
+    /// Host ports handed to mandelboxes, `FIRST-END` (end exclusive).
+    #[arg(long, env = "WHIST_PORT_RANGE", default_value = "1025-49151", value_parser = parse_port_range)]
+    pub port_range: Range<u16>,
+    /// Mandelboxes per GPU.
+    #[arg(long, env = "WHIST_MANDELBOXES_PER_GPU", default_value_t = crate::gpus::MAX_MANDELBOXES_PER_GPU)]
+    pub mandelboxes_per_gpu: usize,
+    /// Capacity of a host without GPUs.
+    #[arg(long, env = "WHIST_CPU_HOST_CAPACITY", default_value_t = 1)]
+    pub cpu_host_capacity: usize,
+    /// Use this many GPU slots instead of discovering GPUs (local development and tests: the
+    /// index is only written to `gpu_index`).
+    #[arg(long, env = "WHIST_GPU_OVERRIDE")]
+    pub gpu_override: Option<usize>,
+    /// Registry prefix of mandelbox images outside local development.
+    #[arg(long, env = "WHIST_IMAGE_REGISTRY", default_value = "ghcr.io/whisthq")]
+    pub image_registry: String,
+    /// How long a spin-up waits for the client's json_transport request.
+    #[arg(long, env = "WHIST_JSON_TRANSPORT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub json_transport_timeout: Duration,
+    /// How long a spin-up waits for the mandelbox's readiness marker.
+    #[arg(long, env = "WHIST_READY_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// Seconds the protocol inside waits for its client (`timeout` file; negative: forever).
+    /// Default: 30, or -1 in local development.
+    #[arg(long, env = "WHIST_PROTOCOL_TIMEOUT", allow_negative_numbers = true)]
+    pub protocol_timeout: Option<i64>,
+    /// How long a drain lets running mandelboxes finish before stopping them.
+    #[arg(long, env = "WHIST_DRAIN_DEADLINE", default_value = "10m", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+    /// Grace a stopped mandelbox gets between SIGTERM and SIGKILL.
+    #[arg(long, env = "WHIST_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub stop_grace: Duration,
+    /// Power the machine off after a drain (`shutdown now`). Refused in local development.
+    #[arg(long, env = "WHIST_POWEROFF", default_value_t = false)]
+    pub poweroff: bool,
+    /// Address of the operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long, env = "WHIST_OPS_ADDR", default_value = "127.0.0.1:4679")]
+    pub ops_addr: SocketAddr,
+    /// AppArmor profile for mandelboxes, applied when the host has AppArmor and it is loaded.
+    #[arg(
+        long,
+        env = "WHIST_APPARMOR_PROFILE",
+        default_value = "mandelbox-apparmor-profile"
+    )]
+    pub apparmor_profile: String,
+    /// Run Docker's init as the container's PID 1. Default: on in local development (the test
+    /// image needs it to stop promptly), off elsewhere (the real image runs systemd as PID 1).
+    #[arg(long, env = "WHIST_CONTAINER_INIT")]
+    pub container_init: Option<bool>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub app_env: AppEnv,
+    /// `None` in localdev: no database, json_transport requests start mandelboxes by themselves.
+    pub db: Option<dbclient::DbConfig>,
+    pub imds_endpoint: Option<String>,
+    pub docker_socket: PathBuf,
+    pub root_dir: PathBuf,
+    pub port_range: Range<u16>,
+    pub mandelboxes_per_gpu: usize,
+    pub cpu_host_capacity: usize,
+    pub gpu_override: Option<usize>,
+    pub image_registry: String,
+    pub json_transport_timeout: Duration,
+    pub ready_timeout: Duration,
+    pub protocol_timeout: i64,
+    pub drain_deadline: Duration,
+    pub stop_grace: Duration,
+    pub poweroff: bool,
+    pub ops_addr: SocketAddr,
+    pub apparmor_profile: String,
+    pub container_init: bool,
+    pub commit: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} needs HASURA_GRAPHQL_URL (--graphql-url)")]
+    MissingGraphqlUrl(AppEnv),
+    #[error("{0} needs HASURA_ADMIN_SECRET (--admin-secret)")]
+    MissingAdminSecret(AppEnv),
+    #[error("{0} needs an https:// Hasura URL: the admin secret must not travel in the clear")]
+    InsecureGraphqlUrl(AppEnv),
+    #[error("invalid Hasura settings: {0}")]
+    Db(#[from] dbclient::ConfigError),
+    #[error("--poweroff is refused in {0}: it would switch off a developer's machine")]
+    PoweroffInLocalDev(AppEnv),
+    #[error("--mandelboxes-per-gpu must be at least 1")]
+    ZeroPerGpu,
+    #[error("the port range {0:?} is too small for one mandelbox")]
+    PortRangeTooSmall(Range<u16>),
+}
+
+impl Args {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let env = self.app_env;
+        let db = match env {
+            AppEnv::LocalDev => None,
+            _ => {
+                let url = self
+                    .graphql_url
+                    .clone()
+                    .ok_or(ConfigError::MissingGraphqlUrl(env))?;
+                if !env.is_local() && !url.starts_with("https://") {
+                    return Err(ConfigError::InsecureGraphqlUrl(env));
+                }
+                if !env.is_local() && self.admin_secret.is_none() {
+                    return Err(ConfigError::MissingAdminSecret(env));
+                }
+                Some(dbclient::DbConfig::new(&url, self.admin_secret.clone())?)
+            }
+        };
+        if self.poweroff && env.is_local() {
+            return Err(ConfigError::PoweroffInLocalDev(env));
+        }
+        if self.mandelboxes_per_gpu == 0 {
+            return Err(ConfigError::ZeroPerGpu);
+        }
+        if self.port_range.len() < crate::ports::MANDELBOX_PORTS.len() {
+            return Err(ConfigError::PortRangeTooSmall(self.port_range));
+        }
+        Ok(Config {
+            app_env: env,
+            db,
+            imds_endpoint: self.imds_endpoint,
+            docker_socket: self.docker_socket,
+            root_dir: self.root_dir,
+            port_range: self.port_range,
+            mandelboxes_per_gpu: self.mandelboxes_per_gpu,
+            cpu_host_capacity: self.cpu_host_capacity,
+            gpu_override: self.gpu_override,
+            image_registry: self.image_registry.trim_end_matches('/').to_owned(),
+            json_transport_timeout: self.json_transport_timeout,
+            ready_timeout: self.ready_timeout,
+            protocol_timeout: self
+                .protocol_timeout
+                .unwrap_or(if env.is_local() { -1 } else { 30 }),
+            drain_deadline: self.drain_deadline,
+            stop_grace: self.stop_grace,
+            poweroff: self.poweroff,
+            ops_addr: self.ops_addr,
+            apparmor_profile: self.apparmor_profile,
+            container_init: self.container_init.unwrap_or(env.is_local()),
+            commit: BUILD_COMMIT.to_owned(),
+        })
+    }
+}
+
+/// `1025-49151` → `1025..49151`.
+pub fn parse_port_range(text: &str) -> Result<Range<u16>, String> {
+    let (start, end) = text
+        .split_once('-')
+        .ok_or_else(|| format!("expected FIRST-END, got {text:?}"))?;
+    let start: u16 = start
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad port {start:?}"))?;
+    let end: u16 = end
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad port {end:?}"))?;
+    if start == 0 || start >= end {
+        return Err(format!("empty or invalid range {text:?}"));
+    }
+    Ok(start..end)
+}
+
+/// `500ms`, `20s`, `10m`, `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("bad duration {text:?}: expected e.g. 500ms, 20s, 10m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+        other => Err(format!("bad duration unit {other:?} in {text:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["whist-host-service"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .validate()
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn localdev_needs_no_database() {
+        let c = args(&["--app-env", "localdev"]).unwrap();
+        assert!(c.db.is_none());
+        assert_eq!(c.protocol_timeout, -1);
+        assert!(c.container_init);
+    }
+
+    #[test]
+    fn production_needs_https_and_a_secret() {
+        let e = args(&[
+            "--app-env",
+            "prod",
+            "--graphql-url",
+            "http://h/v1/graphql",
+            "--admin-secret",
+            "s",
+        ])
+        .unwrap_err();
+        assert!(e.contains("https"), "{e}");
+        let e = args(&["--app-env", "prod", "--graphql-url", "https://h/v1/graphql"]).unwrap_err();
+        assert!(e.contains("HASURA_ADMIN_SECRET"), "{e}");
+        let c = args(&[
+            "--app-env",
+            "prod",
+            "--graphql-url",
+            "https://h/v1/graphql",
+            "--admin-secret",
+            "s3cret",
+        ])
+        .unwrap();
+        assert_eq!(c.protocol_timeout, 30);
+        assert!(!c.container_init);
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "secret leaked into Debug"
+        );
+    }
+
+    #[test]
+    fn poweroff_is_refused_locally() {
+        let e = args(&["--app-env", "localdev", "--poweroff"]).unwrap_err();
+        assert!(e.contains("poweroff"), "{e}");
+    }
+
+    #[test]
+    fn durations_and_ranges_parse_strictly() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2 weeks").is_err());
+        assert_eq!(parse_port_range("40000-40100"), Ok(40000..40100));
+        assert!(parse_port_range("5-5").is_err());
+        assert!(parse_port_range("x").is_err());
+    }
+}

@@ -1,0 +1,638 @@
+//! One mandelbox's whole life, owned by one task: claim the allocation, take resources, create
+//! and start the container, hand it its parameters, pair with the client's json_transport
+//! request, wait for the mandelbox to be ready, run until the container exits (or the host
+//! stops it), then tear everything down. Any failure tears down completely — container,
+//! resources, files and row — and the waiting client gets an error, never silence.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dbclient::DbError;
+use dbclient::types::{Mandelbox, MandelboxId, MandelboxStatus};
+use rand::RngCore as _;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::docker::{
+    BindMount, ContainerId, ContainerRuntime, ContainerSpec, Device, LABEL_MANDELBOX_ID,
+    LABEL_SESSION_ID, LABEL_USER_ID, RuntimeError, TmpfsMount,
+};
+use crate::host::Host;
+use crate::mappings::{self, MandelboxDirs, MappingError, Params};
+use crate::pairing::{ClientAnswer, Owner, PairingError};
+use crate::ports::{MANDELBOX_PORTS, PortMap};
+use crate::resources::{Allocation, ResourceError};
+
+/// Label naming the instance whose host service started the container: several local host
+/// services can share one Docker Engine, and each reconciles only its own.
+pub const LABEL_INSTANCE_ID: &str = "whist.instance.id";
+/// Label holding the mandelbox's TTY, so a restarted host can adopt it.
+pub const LABEL_TTY: &str = "whist.tty";
+/// Label holding the mandelbox's GPU index (absent on hosts without GPUs).
+pub const LABEL_GPU: &str = "whist.gpu";
+
+/// `/dev/shm` of a mandelbox: Chrome's renderers share frames through it.
+const SHM_SIZE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// `/run` and `/run/lock` tmpfs size, as in the original.
+const RUN_TMPFS_OPTIONS: &str = "size=52428800";
+/// Memory limit of a mandelbox (about 6.1 GiB, the original's figure for a g4dn share).
+const MEMORY_BYTES: u64 = 6_552_550_944;
+/// Most processes a mandelbox may run: far above a browser's needs, far below a fork bomb's.
+const PIDS_LIMIT: u64 = 4096;
+/// Capabilities a real mandelbox needs (systemd, X, audio, `mknod` of its TTY); everything else,
+/// NET_RAW included, stays dropped. The original added Docker's whole default set.
+const CAP_ADD: [&str; 14] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "MKNOD",
+    "AUDIT_WRITE",
+    "SYS_NICE",
+    "IPC_LOCK",
+];
+
+/// Why a spin-up failed, reported to the client and counted by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum SpinUpError {
+    #[error("no resources: {0}")]
+    Resources(#[from] ResourceError),
+    #[error("files: {0}")]
+    Files(#[from] MappingError),
+    #[error("docker: {0}")]
+    Docker(#[from] RuntimeError),
+    #[error("no local image for {0}")]
+    NoImage(String),
+    #[error("database: {0}")]
+    Database(#[from] DbError),
+    #[error("the row left CONNECTING before the mandelbox was ready")]
+    RowGone,
+    #[error("the client's json_transport request: {0}")]
+    Pairing(#[from] PairingError),
+    #[error("the container exited with {0:?} before it was ready")]
+    ExitedEarly(Option<i64>),
+    #[error("stopped by the host")]
+    Stopped,
+}
+
+impl SpinUpError {
+    /// The `cause` label of the failure counter.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Self::Resources(_) => "resources",
+            Self::Files(_) => "files",
+            Self::Docker(_) => "docker",
+            Self::NoImage(_) => "image",
+            Self::Database(_) => "database",
+            Self::RowGone => "row_gone",
+            Self::Pairing(PairingError::Timeout { .. }) => "json_transport_timeout",
+            Self::Pairing(_) => "json_transport",
+            Self::ExitedEarly(_) => "exited_early",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the host keeps about a live mandelbox: how to tell its task the container died, and how
+/// to stop it.
+#[derive(Debug)]
+pub struct Handle {
+    pub exit: watch::Sender<Option<Option<i64>>>,
+    pub stop: CancellationToken,
+    pub container: std::sync::Mutex<Option<ContainerId>>,
+}
+
+impl Handle {
+    pub fn new(stop: CancellationToken) -> Self {
+        Self {
+            exit: watch::channel(None).0,
+            stop,
+            container: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn container(&self) -> Option<ContainerId> {
+        match self.container.lock() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_container(&self, id: ContainerId) {
+        match self.container.lock() {
+            Ok(mut c) => *c = Some(id),
+            Err(poisoned) => *poisoned.into_inner() = Some(id),
+        }
+    }
+}
+
+/// Where a mandelbox starts from.
+#[derive(Debug, Clone)]
+pub enum Start {
+    /// A fresh allocation: claim it, then spin up.
+    Allocated(Mandelbox),
+    /// A mandelbox found running at start-up: adopt it and wait for its exit.
+    Adopted {
+        row: Option<Mandelbox>,
+        id: MandelboxId,
+        container: ContainerId,
+        allocation: Allocation,
+    },
+}
+
+/// The task of one mandelbox. Returns when everything of it is gone.
+pub async fn run<R: ContainerRuntime + Clone + 'static>(
+    host: Arc<Host<R>>,
+    start: Start,
+    handle: Arc<Handle>,
+    event_at: Instant,
+) {
+    match start {
+        Start::Allocated(row) => run_allocated(host, row, handle, event_at).await,
+        Start::Adopted {
+            row,
+            id,
+            container,
+            allocation,
+        } => {
+            let span = tracing::info_span!("mandelbox", mandelbox.id = %id);
+            let _enter = span.enter();
+            handle.set_container(container.clone());
+            host.metrics
+                .mandelboxes
+                .with_label_values(&["running"])
+                .inc();
+            let reason = wait_for_exit(&host, &handle, &container).await;
+            host.metrics
+                .mandelboxes
+                .with_label_values(&["running"])
+                .dec();
+            let status = row.map_or(MandelboxStatus::Running, |r| r.status);
+            teardown(
+                &host,
+                id,
+                Some(&allocation),
+                Some(&container),
+                status,
+                reason,
+            )
+            .await;
+        }
+    }
+}
+
+async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
+    host: Arc<Host<R>>,
+    row: Mandelbox,
+    handle: Arc<Handle>,
+    event_at: Instant,
+) {
+    let id = row.id;
+    let span = tracing::info_span!("mandelbox", mandelbox.id = %id, user.id = ?row.user_id);
+    let _enter = span.enter();
+
+    // The guarded claim makes a repeated delivery, or a second host, a no-op.
+    if let Some(db) = &host.db {
+        match db
+            .transition_mandelbox_status(
+                &id,
+                MandelboxStatus::Allocated,
+                MandelboxStatus::Connecting,
+            )
+            .await
+        {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::debug!("allocation already claimed or gone; nothing to do");
+                return;
+            }
+            Err(error) => {
+                // The row stays ALLOCATED: the next delivery (or the sweeper) handles it.
+                tracing::warn!(%error, "cannot claim the allocation");
+                return;
+            }
+        }
+    }
+    let owner = match (&row.user_id, host.config.app_env.is_local()) {
+        (_, true) | (None, _) => Owner::Anyone,
+        (Some(user), false) => Owner::User(user.clone()),
+    };
+    host.pairing.set_owner(id, owner);
+    tracing::info!("spinning up");
+    host.metrics
+        .mandelboxes
+        .with_label_values(&["starting"])
+        .inc();
+
+    let allocation = host.allocate(id);
+    let mut container = None;
+    let result = match &allocation {
+        Ok(allocation) => spin_up(&host, &row, allocation, &handle, &mut container, event_at).await,
+        Err(error) => Err(SpinUpError::Resources(error.clone())),
+    };
+    host.metrics
+        .mandelboxes
+        .with_label_values(&["starting"])
+        .dec();
+    let (status, reason) = match result {
+        Ok(answer) => {
+            host.metrics
+                .spinup_seconds
+                .observe(event_at.elapsed().as_secs_f64());
+            tracing::info!(
+                elapsed_ms = event_at.elapsed().as_millis() as u64,
+                "mandelbox is running"
+            );
+            host.pairing.answer(id, Ok(answer));
+            host.metrics
+                .mandelboxes
+                .with_label_values(&["running"])
+                .inc();
+            let reason = match &container {
+                Some(c) => wait_for_exit(&host, &handle, c).await,
+                None => "exited",
+            };
+            host.metrics
+                .mandelboxes
+                .with_label_values(&["running"])
+                .dec();
+            (MandelboxStatus::Running, reason)
+        }
+        Err(error) => {
+            tracing::warn!(%error, cause = error.cause(), "spin-up failed");
+            host.metrics
+                .spinup_failures
+                .with_label_values(&[error.cause()])
+                .inc();
+            host.pairing.answer(
+                id,
+                Err(PairingError::SpinUpFailed {
+                    mandelbox_id: id,
+                    reason: error.to_string(),
+                }),
+            );
+            (MandelboxStatus::Connecting, "failed")
+        }
+    };
+    teardown(
+        &host,
+        id,
+        allocation.as_ref().ok(),
+        container.as_ref(),
+        status,
+        reason,
+    )
+    .await;
+}
+
+async fn spin_up<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    row: &Mandelbox,
+    allocation: &Allocation,
+    handle: &Handle,
+    container: &mut Option<ContainerId>,
+    event_at: Instant,
+) -> Result<ClientAnswer, SpinUpError> {
+    let id = row.id;
+    let dirs = MandelboxDirs::new(&host.config.root_dir, id);
+    let session_id = sanitize_session_id(row.session_id.as_deref());
+    let (created_dirs, image) =
+        tokio::join!(dirs.create(&session_id), host.resolve_image(&row.app));
+    created_dirs?;
+    let image = image?;
+    let private_key = new_private_key();
+    let spec = build_spec(
+        host,
+        row,
+        allocation,
+        &dirs,
+        &session_id,
+        &image,
+        &private_key,
+    );
+    let params = Params {
+        host_port_32262: host_port(&allocation.ports, 32262),
+        tty: allocation.tty,
+        gpu_index: allocation.gpu.unwrap_or(0),
+        session_id: session_id.clone(),
+        protocol_timeout_seconds: host.config.protocol_timeout,
+    };
+
+    // Creating the container and writing its parameters do not depend on each other.
+    let mappings_dir = dirs.mappings();
+    let (created, written) = tokio::join!(
+        host.runtime.create(&spec),
+        mappings::write_params(&mappings_dir, &params)
+    );
+    let container_id = created?;
+    *container = Some(container_id.clone());
+    handle.set_container(container_id.clone());
+    written?;
+    host.runtime.start(&container_id).await?;
+    mappings::mark_params_ready(&mappings_dir).await?;
+    host.metrics
+        .params_ready_seconds
+        .observe(event_at.elapsed().as_secs_f64());
+    tracing::debug!(
+        elapsed_ms = event_at.elapsed().as_millis() as u64,
+        "parameters ready"
+    );
+
+    let request = unless_exited(
+        handle,
+        host.pairing
+            .wait_for_request(id, host.config.json_transport_timeout),
+    )
+    .await??;
+    mappings::write_config(&mappings_dir, &request.json_data).await?;
+    unless_exited(
+        handle,
+        mappings::wait_for_file(
+            &mappings_dir,
+            mappings::READY_MARKER,
+            host.config.ready_timeout,
+        ),
+    )
+    .await??;
+
+    if let Some(db) = &host.db {
+        db.transition_mandelbox_status(&id, MandelboxStatus::Connecting, MandelboxStatus::Running)
+            .await?
+            .ok_or(SpinUpError::RowGone)?;
+    }
+    Ok(ClientAnswer {
+        host_ports: allocation.ports.iter().map(|(c, h)| (c.port, *h)).collect(),
+        private_key,
+    })
+}
+
+/// Runs `future` unless the container exits or the host stops the mandelbox first.
+async fn unless_exited<T>(
+    handle: &Handle,
+    future: impl std::future::Future<Output = T>,
+) -> Result<T, SpinUpError> {
+    tokio::select! {
+        value = future => Ok(value),
+        code = exit_code(handle) => Err(SpinUpError::ExitedEarly(code)),
+        () = handle.stop.cancelled() => Err(SpinUpError::Stopped),
+    }
+}
+
+/// Resolves with the exit code once the container's exit has been reported.
+async fn exit_code(handle: &Handle) -> Option<i64> {
+    let mut exit = handle.exit.subscribe();
+    let code = exit.wait_for(Option::is_some).await;
+    code.ok().and_then(|c| *c).flatten()
+}
+
+/// Waits until the container exits by itself (a `die` event) or the host stops it.
+async fn wait_for_exit<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    handle: &Handle,
+    container: &ContainerId,
+) -> &'static str {
+    tokio::select! {
+        code = exit_code(handle) => {
+            tracing::info!(exit_code = ?code, "container exited");
+            "exited"
+        }
+        () = handle.stop.cancelled() => {
+            tracing::info!("stopping the mandelbox");
+            if let Err(error) = host.runtime.stop(container, host.config.stop_grace).await {
+                tracing::warn!(%error, "stop failed; the container is removed by force");
+            }
+            "stopped"
+        }
+    }
+}
+
+/// Everything of a mandelbox goes: row DYING, container, resources, files, row, capacity back.
+/// Each step is idempotent and failures are logged, never fatal: what a failed step leaves is
+/// found by the sweeper or the next start's reconcile pass.
+pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    id: MandelboxId,
+    allocation: Option<&Allocation>,
+    container: Option<&ContainerId>,
+    status: MandelboxStatus,
+    reason: &'static str,
+) {
+    host.metrics
+        .mandelboxes
+        .with_label_values(&["stopping"])
+        .inc();
+    if let Some(db) = &host.db
+        && status != MandelboxStatus::Dying
+        && let Err(error) = db
+            .transition_mandelbox_status(&id, status, MandelboxStatus::Dying)
+            .await
+    {
+        tracing::warn!(%error, "cannot mark the mandelbox DYING");
+    }
+    if let Some(container) = container
+        && let Err(error) = host.runtime.remove(container, true).await
+    {
+        tracing::warn!(%error, "cannot remove the container");
+    }
+    if let Some(allocation) = allocation {
+        host.free(id, allocation);
+    }
+    if let Err(error) = MandelboxDirs::new(&host.config.root_dir, id).remove().await {
+        tracing::warn!(%error, "cannot remove the mandelbox's files");
+    }
+    host.delete_row(id).await;
+    host.pairing.remove(id);
+    host.metrics
+        .mandelboxes
+        .with_label_values(&["stopping"])
+        .dec();
+    host.metrics.teardowns.with_label_values(&[reason]).inc();
+    tracing::info!(reason, "mandelbox torn down");
+}
+
+fn host_port(ports: &PortMap, container_port: u16) -> u16 {
+    ports
+        .iter()
+        .find(|(c, _)| c.port == container_port)
+        .map_or(0, |(_, h)| *h)
+}
+
+/// The protocol expects a decimal session id; anything else becomes the current time in
+/// milliseconds, as in the original.
+pub fn sanitize_session_id(session_id: Option<&str>) -> String {
+    match session_id {
+        Some(s) if !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.to_owned()
+        }
+        _ => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+            .to_string(),
+    }
+}
+
+/// 16 random bytes, hex: the key the protocol encrypts the stream with.
+fn new_private_key() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `browsers/chrome` + id → `browsers-chrome-<id>`: Docker names allow `[a-zA-Z0-9_.-]`.
+pub fn container_name(app: &str, id: MandelboxId) -> String {
+    let app: String = app
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let app = app.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if app.is_empty() {
+        format!("mandelbox-{id}")
+    } else {
+        format!("{app}-{id}")
+    }
+}
+
+fn build_spec<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    row: &Mandelbox,
+    allocation: &Allocation,
+    dirs: &MandelboxDirs,
+    session_id: &str,
+    image: &str,
+    private_key: &str,
+) -> ContainerSpec {
+    let mut spec = ContainerSpec::new(container_name(&row.app, row.id), image);
+    spec.env = BTreeMap::from([
+        ("WHIST_AES_KEY".to_owned(), private_key.to_owned()),
+        (
+            "SENTRY_ENV".to_owned(),
+            host.config.app_env.as_str().to_owned(),
+        ),
+        (
+            "WHIST_INITIAL_USER_DATA_FILE".to_owned(),
+            "/whist/userConfigs/user-initial-file".to_owned(),
+        ),
+        ("NVIDIA_DRIVER_CAPABILITIES".to_owned(), "all".to_owned()),
+        (
+            // Only its own GPU: the original exposed every GPU to every mandelbox.
+            "NVIDIA_VISIBLE_DEVICES".to_owned(),
+            allocation
+                .gpu
+                .map_or_else(|| "void".to_owned(), |g| g.to_string()),
+        ),
+    ]);
+    spec.labels = BTreeMap::from([
+        (LABEL_MANDELBOX_ID.to_owned(), row.id.to_string()),
+        (LABEL_SESSION_ID.to_owned(), session_id.to_owned()),
+        (LABEL_TTY.to_owned(), allocation.tty.to_string()),
+        (LABEL_INSTANCE_ID.to_owned(), row.instance_id.to_string()),
+    ]);
+    if let Some(user) = &row.user_id {
+        spec.labels
+            .insert(LABEL_USER_ID.to_owned(), user.to_string());
+    }
+    if let Some(gpu) = allocation.gpu {
+        spec.labels.insert(LABEL_GPU.to_owned(), gpu.to_string());
+    }
+    let bind = |host_path: PathBuf, container: &str, read_only: bool| BindMount {
+        host_path,
+        container_path: PathBuf::from(container),
+        read_only,
+        propagation: None,
+    };
+    spec.binds = vec![
+        bind(dirs.mappings(), "/whist/resourceMappings", false),
+        bind(dirs.sockets(), "/tmp/sockets", false),
+        bind(dirs.logs(session_id), "/var/log/whist", false),
+        bind(dirs.user_configs(), "/whist/userConfigs", false),
+    ];
+    for (host_path, container) in [
+        ("/sys/fs/cgroup", "/sys/fs/cgroup"),
+        ("/run/udev/data", "/run/udev/data"),
+    ] {
+        if std::path::Path::new(host_path).exists() {
+            spec.binds
+                .push(bind(PathBuf::from(host_path), container, true));
+        }
+    }
+    spec.ports = allocation.ports.clone();
+    // FUSE for the mandelbox's file sync, where the host has it (uinput devices come with the
+    // input work; this kernel has no /dev/uinput).
+    if std::path::Path::new("/dev/fuse").exists() {
+        spec.devices.push(Device {
+            host_path: PathBuf::from("/dev/fuse"),
+            container_path: PathBuf::from("/dev/fuse"),
+            permissions: "rwm".to_owned(),
+        });
+    }
+    spec.cap_add = CAP_ADD.iter().map(|c| (*c).to_owned()).collect();
+    spec.apparmor_profile = host.apparmor_profile.clone();
+    spec.shm_size_bytes = Some(SHM_SIZE_BYTES);
+    spec.tmpfs = ["/run", "/run/lock"]
+        .iter()
+        .map(|p| TmpfsMount {
+            container_path: PathBuf::from(p),
+            options: RUN_TMPFS_OPTIONS.to_owned(),
+        })
+        .collect();
+    spec.memory_bytes = Some(MEMORY_BYTES);
+    spec.pids_limit = Some(PIDS_LIMIT);
+    spec.init = host.config.container_init;
+    spec.runtime =
+        (host.gpu_count > 0 && host.config.gpu_override.is_none()).then(|| "nvidia".to_owned());
+    spec
+}
+
+/// The ports a mandelbox publishes.
+pub fn wanted_ports() -> &'static [crate::ports::ContainerPort] {
+    &MANDELBOX_PORTS
+}
+
+/// How long the task waits, at most, to see its own container's exit after asking for a stop.
+pub const STOP_WAIT: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_digits_or_replaced() {
+        assert_eq!(sanitize_session_id(Some("1234")), "1234");
+        let replaced = sanitize_session_id(Some("abc"));
+        assert!(replaced.bytes().all(|b| b.is_ascii_digit()) && replaced.len() >= 13);
+        assert_ne!(sanitize_session_id(None), "");
+    }
+
+    #[test]
+    fn container_names_are_docker_safe() {
+        let id = MandelboxId::random();
+        assert_eq!(
+            container_name("browsers/chrome", id),
+            format!("browsers-chrome-{id}")
+        );
+        assert_eq!(container_name("../x y", id), format!("x-y-{id}"));
+        assert_eq!(container_name("//", id), format!("mandelbox-{id}"));
+    }
+
+    #[test]
+    fn private_keys_are_32_hex_and_differ() {
+        let (a, b) = (new_private_key(), new_private_key());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,638 @@
+//! The host service on the real Docker Engine and the local stack (real PostgreSQL behind the
+//! Hasura stand-in), with the mandelbox stub image: a mandelbox's whole life, many at once,
+//! repeated deliveries, SIGKILL and restart, a database outage, drains.
+//!
+//! Each test is its own "EC2 instance" (its own instance id, row, root directory and port range)
+//! and a guard removes every container labelled with that instance id when the test ends.
+//! Waits are on real state (rows, containers, files, the host's own counters) with a bound;
+//! nothing sleeps in place of synchronisation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dbclient::types::{
+    ImageId, InstanceId, InstanceStatus, MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId,
+};
+use dbclient::{DbClient, DbConfig};
+use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
+use host_service::docker::{
+    ContainerRuntime, ContainerStatus, DEFAULT_SOCKET, DockerRuntime, LABEL_MANDELBOX_ID,
+};
+use host_service::host::Host;
+use host_service::mandelbox::{LABEL_GPU, LABEL_INSTANCE_ID, LABEL_TTY};
+use host_service::metadata::InstanceIdentity;
+use host_service::pairing::{ClientAnswer, ClientRequest};
+use host_service::{Config, Signals, Stopped};
+use logger::Secret;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const WAIT: Duration = Duration::from_secs(60);
+const AMI: &str = "ami-0123456789abcdef0";
+const INSTANCE_TYPE: &str = "g4dn.12xlarge";
+
+/// One test's instance: its identity, database and files.
+struct TestHost {
+    stack: TestStack,
+    db: DbClient,
+    identity: InstanceIdentity,
+    root: tempfile::TempDir,
+    port_range: std::ops::Range<u16>,
+}
+
+impl TestHost {
+    async fn new() -> Self {
+        ensure_stub_image();
+        let stack = TestStack::start().await.unwrap();
+        let db = DbClient::new(&db_config(&stack)).unwrap();
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let identity = InstanceIdentity {
+            instance_id: InstanceId::new(format!("i-test{}", &suffix[..12])).unwrap(),
+            ami_id: ImageId::new(AMI).unwrap(),
+            region: Region::new("us-east-1").unwrap(),
+            instance_type: INSTANCE_TYPE.to_owned(),
+            public_ipv4: Some(Ipv4Addr::LOCALHOST),
+            private_ipv4: Some(Ipv4Addr::LOCALHOST),
+            name: Some("test".to_owned()),
+        };
+        // Port ranges differ per test so tests in parallel processes rarely meet; the allocator
+        // also skips ports something on the host already holds.
+        let start = 20000 + (u16::from_str_radix(&suffix[..4], 16).unwrap() % 200) * 100;
+        let host = Self {
+            stack,
+            db,
+            identity,
+            root: tempfile::tempdir().unwrap(),
+            port_range: start..start + 100,
+        };
+        host.insert_row().await;
+        host
+    }
+
+    async fn insert_row(&self) {
+        let sql = self.stack.sql().await.unwrap();
+        sql.execute(
+            "INSERT INTO whist.instances (id, provider, region, image_id, client_sha, \
+             instance_type, remaining_capacity, status) \
+             VALUES ($1, 'AWS', 'us-east-1', $2, $3, $4, 0, 'PRE_CONNECTION')",
+            &[
+                &self.identity.instance_id.as_str(),
+                &AMI,
+                &host_service::config::BUILD_COMMIT,
+                &INSTANCE_TYPE,
+            ],
+        )
+        .await
+        .unwrap();
+    }
+
+    fn config(&self) -> Config {
+        let mut config = base_config(&self.stack, self.root.path());
+        config.port_range = self.port_range.clone();
+        config
+    }
+
+    /// Starts the host service in this process; returns its task and the host once it follows
+    /// allocations.
+    async fn start(
+        &self,
+        config: Config,
+    ) -> (
+        tokio::task::JoinHandle<Result<Stopped, host_service::HostError>>,
+        Arc<Host<DockerRuntime>>,
+        Signals,
+    ) {
+        let runtime = DockerRuntime::connect(DEFAULT_SOCKET).await.unwrap();
+        let signals = Signals::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(host_service::run_with(
+            config,
+            self.identity.clone(),
+            runtime,
+            signals.clone(),
+            move |host| {
+                let _ = tx.send(host);
+            },
+        ));
+        let host = tokio::time::timeout(WAIT, rx)
+            .await
+            .expect("the host starts in time")
+            .expect("the host starts");
+        (task, host, signals)
+    }
+
+    /// Assigns a new mandelbox to this instance, as the scaling service does.
+    async fn allocate(&self, user: &str) -> MandelboxId {
+        let id = MandelboxId::random();
+        let row = self
+            .db
+            .allocate_mandelbox(&NewMandelbox {
+                id,
+                app: "CHROME".to_owned(),
+                instance_id: self.identity.instance_id.clone(),
+                user_id: Some(UserId::new(user).unwrap()),
+                session_id: Some("1700000000000".to_owned()),
+                status: MandelboxStatus::Allocated,
+            })
+            .await
+            .unwrap();
+        assert!(row.is_some(), "the instance has capacity");
+        id
+    }
+
+    async fn containers(&self) -> Vec<host_service::docker::MandelboxContainer> {
+        let runtime = DockerRuntime::connect(DEFAULT_SOCKET).await.unwrap();
+        let own = self.identity.instance_id.to_string();
+        runtime
+            .list_mandelboxes()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.labels.get(LABEL_INSTANCE_ID) == Some(&own))
+            .collect()
+    }
+
+    async fn rows(&self) -> Vec<dbclient::types::Mandelbox> {
+        self.db
+            .mandelboxes_on_instance(&self.identity.instance_id)
+            .await
+            .unwrap()
+    }
+
+    async fn capacity(&self) -> Option<u32> {
+        self.db
+            .instance(&self.identity.instance_id)
+            .await
+            .unwrap()
+            .map(|i| i.instance.remaining_capacity)
+    }
+
+    /// Names under the root other than the host's own bookkeeping.
+    fn files(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for dir in [
+            self.root.path().to_owned(),
+            self.root.path().join("temp"),
+            self.root.path().join("temp/logs"),
+        ] {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.parse::<MandelboxId>().is_ok() {
+                        names.push(format!("{}/{name}", dir.display()));
+                    }
+                }
+            }
+        }
+        names
+    }
+
+    /// Waits until `check` holds, looking again every 50 ms, for at most [`WAIT`].
+    async fn until<F, Fut>(&self, what: &str, mut check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let started = Instant::now();
+        while !check().await {
+            assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn assert_clean(&self, host: Option<&Host<DockerRuntime>>) {
+        self.until("no container left", || async {
+            self.containers().await.is_empty()
+        })
+        .await;
+        assert!(self.files().is_empty(), "files left: {:?}", self.files());
+        if let Some(host) = host {
+            assert_eq!(host.resources_held(), (0, 0, 0), "resources leaked");
+            assert_eq!(host.live_mandelboxes(), 0);
+        }
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let filter = format!("label={LABEL_INSTANCE_ID}={}", self.identity.instance_id);
+        if let Ok(out) = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter", &filter])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = std::process::Command::new("docker")
+                    .args(["rm", "-f", id])
+                    .output();
+            }
+        }
+    }
+}
+
+fn db_config(stack: &TestStack) -> DbConfig {
+    DbConfig::new(
+        &stack.graphql_url(),
+        Some(Secret::new(TEST_ADMIN_SECRET.to_owned())),
+    )
+    .unwrap()
+}
+
+fn base_config(stack: &TestStack, root: &Path) -> Config {
+    use clap::Parser as _;
+    let mut config = host_service::config::Args::try_parse_from([
+        "whist-host-service",
+        "--app-env",
+        "localdevwithdb",
+        "--graphql-url",
+        &stack.graphql_url(),
+        "--admin-secret",
+        TEST_ADMIN_SECRET,
+    ])
+    .unwrap()
+    .validate()
+    .unwrap();
+    config.root_dir = root.to_owned();
+    config.gpu_override = Some(6);
+    config.ops_addr = "127.0.0.1:0".parse().unwrap();
+    config.json_transport_timeout = Duration::from_secs(30);
+    config.ready_timeout = Duration::from_secs(30);
+    config.stop_grace = Duration::from_secs(2);
+    config.drain_deadline = Duration::from_secs(60);
+    config
+}
+
+fn ensure_stub_image() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let present = std::process::Command::new("docker")
+            .args(["image", "inspect", "whist/browsers/chrome:current-build"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            let script = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../devstack/mandelbox/build-image.sh"
+            );
+            let status = std::process::Command::new(script).status().unwrap();
+            assert!(status.success(), "cannot build the mandelbox test image");
+        }
+    });
+}
+
+fn request(id: MandelboxId, user: &str, json: &str) -> ClientRequest {
+    ClientRequest {
+        mandelbox_id: id,
+        json_data: json.to_owned(),
+        user_id: Some(UserId::new(user).unwrap()),
+    }
+}
+
+/// Connects to the stub's session port, reads its greeting, and hangs up: the user leaves.
+async fn visit_and_leave(answer: &ClientAnswer) -> serde_json::Value {
+    let port = answer.host_ports[&32273];
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let greeting = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the mandelbox answers");
+    serde_json::from_str(&greeting).unwrap()
+}
+
+#[tokio::test]
+async fn full_lifecycle_allocated_to_running_to_exit_leaves_nothing_behind() {
+    let t = TestHost::new().await;
+    let (task, host, signals) = t.start(t.config()).await;
+    let capacity = t.capacity().await.unwrap();
+    assert_eq!(capacity, 18, "6 GPUs × 3 mandelboxes");
+
+    let id = t.allocate("alice").await;
+    assert_eq!(t.capacity().await, Some(capacity - 1));
+    let answer = host
+        .json_transport(request(id, "alice", r#"{"dpi":192}"#))
+        .await
+        .expect("the mandelbox starts");
+    assert_eq!(answer.private_key.len(), 32);
+    assert_eq!(answer.host_ports.len(), 4);
+
+    let row = t.db.mandelbox(&id).await.unwrap().unwrap();
+    assert_eq!(row.status, MandelboxStatus::Running);
+    let containers = t.containers().await;
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(c.status, ContainerStatus::Running);
+    assert_eq!(c.labels[LABEL_MANDELBOX_ID], id.to_string());
+    let mappings = t
+        .root
+        .path()
+        .join(id.to_string())
+        .join("mandelboxResourceMappings");
+    assert_eq!(
+        std::fs::read_to_string(mappings.join("config.json")).unwrap(),
+        r#"{"dpi":192}"#
+    );
+    assert_eq!(
+        std::fs::read_to_string(mappings.join("tty")).unwrap(),
+        c.labels[LABEL_TTY]
+    );
+
+    // The mandelbox saw what the host wrote.
+    let greeting = visit_and_leave(&answer).await;
+    assert_eq!(greeting["host_port_32262"], answer.host_ports[&32262]);
+    assert_eq!(greeting["config"]["dpi"], 192);
+
+    // The user left: the container exits and everything goes.
+    t.until("the row to be gone", || async { t.rows().await.is_empty() })
+        .await;
+    t.until("the host to finish the teardown", || async {
+        host.live_mandelboxes() == 0
+    })
+    .await;
+    t.assert_clean(Some(&host)).await;
+    assert_eq!(t.capacity().await, Some(capacity), "capacity restored");
+
+    signals.drain.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
+    assert_eq!(t.capacity().await, None, "the instance row is deleted");
+}
+
+#[tokio::test]
+async fn sixteen_allocated_at_once_all_run_with_distinct_resources() {
+    let t = TestHost::new().await;
+    let mut config = t.config();
+    config.drain_deadline = Duration::from_millis(100);
+    let (task, host, signals) = t.start(config).await;
+
+    let mut ids = Vec::new();
+    for n in 0..16 {
+        ids.push(t.allocate(&format!("user{n}")).await);
+    }
+    let answers = futures::future::join_all(ids.iter().enumerate().map(|(n, id)| {
+        let host = host.clone();
+        let req = request(*id, &format!("user{n}"), "{}");
+        async move { host.json_transport(req).await }
+    }))
+    .await;
+    let answers: Vec<ClientAnswer> = answers.into_iter().map(|a| a.unwrap()).collect();
+
+    // Distinct per protocol: 32263 is UDP, the others TCP.
+    let ports: BTreeSet<(bool, u16)> = answers
+        .iter()
+        .flat_map(|a| a.host_ports.iter().map(|(c, h)| (*c == 32263, *h)))
+        .collect();
+    assert_eq!(ports.len(), 16 * 4, "every host port distinct");
+    let containers = t.containers().await;
+    assert_eq!(containers.len(), 16);
+    let ttys: BTreeSet<&String> = containers.iter().map(|c| &c.labels[LABEL_TTY]).collect();
+    assert_eq!(ttys.len(), 16, "every TTY distinct");
+    let mut gpu_use = std::collections::BTreeMap::<&String, usize>::new();
+    for c in &containers {
+        *gpu_use.entry(&c.labels[LABEL_GPU]).or_default() += 1;
+    }
+    assert!(
+        gpu_use.values().all(|n| *n <= 3),
+        "at most 3 per GPU: {gpu_use:?}"
+    );
+    assert!(
+        t.rows()
+            .await
+            .iter()
+            .all(|r| r.status == MandelboxStatus::Running),
+        "every row RUNNING"
+    );
+
+    // A drain with a short deadline stops them all.
+    signals.drain.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
+    t.assert_clean(Some(&host)).await;
+    assert_eq!(t.capacity().await, None);
+}
+
+#[tokio::test]
+async fn the_same_allocation_delivered_twice_starts_once() {
+    let t = TestHost::new().await;
+    let (task, host, signals) = t.start(t.config()).await;
+    let id = t.allocate("bob").await;
+    let row = t.db.mandelbox(&id).await.unwrap().unwrap();
+    // The live query delivers it; deliver it again by hand, twice, while it spins up.
+    host.spawn_mandelbox(host_service::mandelbox::Start::Allocated(row.clone()));
+    host.spawn_mandelbox(host_service::mandelbox::Start::Allocated(row.clone()));
+    let answer = host.json_transport(request(id, "bob", "{}")).await.unwrap();
+    assert_eq!(t.containers().await.len(), 1, "one container");
+    visit_and_leave(&answer).await;
+    t.until("teardown", || async { host.live_mandelboxes() == 0 })
+        .await;
+    // A stale delivery after the teardown is a no-op: the claim fails.
+    host.spawn_mandelbox(host_service::mandelbox::Start::Allocated(row));
+    t.until("the stale delivery to finish", || async {
+        host.live_mandelboxes() == 0
+    })
+    .await;
+    t.assert_clean(Some(&host)).await;
+    signals.drain.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_database_outage_during_operation_is_survived() {
+    let mut t = TestHost::new().await;
+    let (task, host, signals) = t.start(t.config()).await;
+    let id = t.allocate("carol").await;
+    let answer = host
+        .json_transport(request(id, "carol", "{}"))
+        .await
+        .unwrap();
+
+    // Hasura goes away; the user leaves meanwhile; Hasura comes back.
+    t.stack.stop_graphql().await.unwrap();
+    visit_and_leave(&answer).await;
+    t.until("the container to go", || async {
+        t.containers().await.is_empty()
+    })
+    .await;
+    t.stack.start_graphql().await.unwrap();
+    t.until("the row to be deleted after the outage", || async {
+        t.rows().await.is_empty()
+    })
+    .await;
+
+    // New allocations work again (the subscription reconnected by itself).
+    let id = t.allocate("carol").await;
+    let answer = host
+        .json_transport(request(id, "carol", "{}"))
+        .await
+        .unwrap();
+    visit_and_leave(&answer).await;
+    t.until("teardown", || async {
+        host.live_mandelboxes() == 0 && t.rows().await.is_empty()
+    })
+    .await;
+    t.assert_clean(Some(&host)).await;
+    signals.drain.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn drain_lets_mandelboxes_finish_until_the_deadline_then_stops_them() {
+    let t = TestHost::new().await;
+    let mut config = t.config();
+    config.drain_deadline = Duration::from_secs(2);
+    let (task, host, signals) = t.start(config).await;
+    let id = t.allocate("dave").await;
+    host.json_transport(request(id, "dave", "{}"))
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    signals.drain.cancel();
+    // While draining: the row says DRAINING and new allocations are refused by the database
+    // (the assign path requires ACTIVE).
+    t.until("the row to say DRAINING", || async {
+        matches!(
+            t.db.instance(&t.identity.instance_id).await,
+            Ok(Some(i)) if i.instance.status == InstanceStatus::Draining
+        ) || task.is_finished()
+    })
+    .await;
+    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "the deadline is honoured: {took:?}"
+    );
+    t.assert_clean(Some(&host)).await;
+    assert_eq!(t.capacity().await, None, "the instance row is deleted");
+}
+
+#[tokio::test]
+async fn draining_row_at_start_ends_startup_gracefully() {
+    let t = TestHost::new().await;
+    t.db.set_instance_status(&t.identity.instance_id, InstanceStatus::Draining)
+        .await
+        .unwrap();
+    let runtime = DockerRuntime::connect(DEFAULT_SOCKET).await.unwrap();
+    let stopped = host_service::run_with(
+        t.config(),
+        t.identity.clone(),
+        runtime,
+        Signals::new(),
+        |_| panic!("must not start following allocations"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stopped, Stopped::DrainingAtStart);
+}
+
+#[tokio::test]
+async fn a_row_for_another_image_is_refused() {
+    let t = TestHost::new().await;
+    let sql = t.stack.sql().await.unwrap();
+    sql.execute(
+        "UPDATE whist.instances SET image_id = 'ami-other' WHERE id = $1",
+        &[&t.identity.instance_id.as_str()],
+    )
+    .await
+    .unwrap();
+    let runtime = DockerRuntime::connect(DEFAULT_SOCKET).await.unwrap();
+    let error = host_service::run_with(
+        t.config(),
+        t.identity.clone(),
+        runtime,
+        Signals::new(),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("image_id"), "{error}");
+}
+
+/// The binary, SIGKILLed while spin-ups are in flight, then started again: the second run
+/// finds the first one's containers, rows and files and cleans them all.
+#[tokio::test]
+async fn sigkill_during_spinups_then_restart_leaves_a_clean_consistent_state() {
+    let t = TestHost::new().await;
+    let imds = devstack::imds::FakeImds::spawn(devstack::imds::Identity {
+        instance_id: t.identity.instance_id.to_string(),
+        ami_id: AMI.to_owned(),
+        instance_type: INSTANCE_TYPE.to_owned(),
+        region: "us-east-1".to_owned(),
+        availability_zone: None,
+        public_ipv4: Some(Ipv4Addr::LOCALHOST),
+        local_ipv4: Ipv4Addr::LOCALHOST,
+        tags: Default::default(),
+    })
+    .await
+    .unwrap();
+    let ops_port = devstack::postgres::free_port().unwrap();
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_whist-host-service"))
+            .env("APP_ENV", "localdevwithdb")
+            .env("HASURA_GRAPHQL_URL", t.stack.graphql_url())
+            .env("HASURA_ADMIN_SECRET", TEST_ADMIN_SECRET)
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
+            .env("WHIST_ROOT", t.root.path())
+            .env("WHIST_GPU_OVERRIDE", "6")
+            .env(
+                "WHIST_PORT_RANGE",
+                format!("{}-{}", t.port_range.start, t.port_range.end),
+            )
+            .env("WHIST_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
+            .env("WHIST_STOP_GRACE", "2s")
+            .env("WHIST_DRAIN_DEADLINE", "1s")
+            .env("WHIST_LOG", "info")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let ready = || async {
+        reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    };
+
+    let mut first = spawn();
+    t.until("the first run to be ready", ready).await;
+    let capacity = t.capacity().await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(t.allocate(&format!("u{n}")).await);
+    }
+    // The spin-ups wait for json_transport requests that never come: kill mid-way.
+    t.until("four containers", || async {
+        t.containers().await.len() == 4
+    })
+    .await;
+    first.kill().await.unwrap();
+    assert!(!t.files().is_empty(), "the killed run left files behind");
+
+    let mut second = spawn();
+    t.until("the second run to be ready", ready).await;
+    t.until("the first run's mandelboxes to be cleaned", || async {
+        t.containers().await.is_empty() && t.rows().await.is_empty()
+    })
+    .await;
+    assert!(t.files().is_empty(), "files left: {:?}", t.files());
+    assert_eq!(t.capacity().await, Some(capacity), "capacity restored");
+
+    // SIGTERM drains and deletes the row; the process exits 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(WAIT, second.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(t.capacity().await, None);
+    t.assert_clean(None).await;
+    imds.stop().await;
+}

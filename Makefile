@@ -59,13 +59,14 @@ run: setup
 	$(CARGO) build -p devstack
 	$(CARGO_TARGET_DIR)/debug/whist-devstack up
 
+# Doc tests first, so the run closes with the test runner's summary of the whole suite.
 test: setup
+	$(CARGO) test -q --workspace --doc
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
-	$(CARGO) test --workspace --doc
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -75,8 +76,11 @@ clippy:
 
 check: fmt clippy test
 
+# Each benchmark prints its figures; docs/performance.md records them with the goals.
 bench: setup
-	$(CARGO) run -q -p devstack --bin whist-bench -- all
+	$(CARGO) build -q --release -p host-service --bin whist-host-service
+	$(CARGO) bench -q -p dbclient --bench subscription_delay
+	$(CARGO) bench -q -p host-service --bench spinup
 
 schema:
 	$(CARGO) run -q -p devstack --bin whist-devstack -- print-schema > schema.graphql.new

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "whist-migrate", version, about = "Apply the whist schema's migrations")]
+#[command(
+    name = "whist-migrate",
+    version,
+    about = "Apply the whist schema's migrations"
+)]
 struct Args {
     /// PostgreSQL URL, e.g. postgres://user@host:5432/db?sslmode=require
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -39,10 +43,15 @@ async fn main() -> ExitCode {
                 println!("applied migration {v:04}");
             }
             if report.applied.is_empty() {
-                println!("schema up to date ({} migrations applied before)", report.already_applied.len());
+                println!(
+                    "schema up to date ({} migrations applied before)",
+                    report.already_applied.len()
+                );
             }
             for v in &report.unknown {
-                eprintln!("warning: the database records migration {v:04}, which this binary does not carry (a newer release ran)");
+                eprintln!(
+                    "warning: the database records migration {v:04}, which this binary does not carry (a newer release ran)"
+                );
             }
             ExitCode::SUCCESS
         }

@@ -17,11 +17,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -81,7 +81,10 @@ impl Identity {
                 .unwrap_or_else(|| format!("{}a", self.region)),
             "public-ipv4" => self.public_ipv4?.to_string(),
             "local-ipv4" => self.local_ipv4.to_string(),
-            "hostname" => format!("ip-{}.ec2.internal", self.local_ipv4.to_string().replace('.', "-")),
+            "hostname" => format!(
+                "ip-{}.ec2.internal",
+                self.local_ipv4.to_string().replace('.', "-")
+            ),
             "tags/instance" => self.tags.keys().cloned().collect::<Vec<_>>().join("\n"),
             "" => [
                 "ami-id",
@@ -94,7 +97,10 @@ impl Identity {
                 "tags/",
             ]
             .join("\n"),
-            other => self.tags.get(other.strip_prefix("tags/instance/")?)?.clone(),
+            other => self
+                .tags
+                .get(other.strip_prefix("tags/instance/")?)?
+                .clone(),
         };
         Some(value)
     }

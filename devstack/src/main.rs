@@ -42,7 +42,11 @@ struct UpArgs {
     #[arg(long, env = "WHIST_DEVSTACK_DIR", default_value = ".devstack")]
     state_dir: PathBuf,
     /// moto_server executable (from the virtualenv `make setup` creates).
-    #[arg(long, env = "WHIST_MOTO_SERVER", default_value = ".venv/bin/moto_server")]
+    #[arg(
+        long,
+        env = "WHIST_MOTO_SERVER",
+        default_value = ".venv/bin/moto_server"
+    )]
     moto_server: PathBuf,
     /// Run without moto (no EC2/S3 API).
     #[arg(long)]

@@ -227,11 +227,12 @@ fn command(run_as_postgres: bool, binary: &Path) -> Command {
 
 fn run(step: &'static str, command: &mut Command) -> Result<(), PostgresError> {
     let started = Instant::now();
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io(step))?;
-    tracing::debug!(step, elapsed_ms = started.elapsed().as_millis() as u64, "ran");
+    let output = command.stdin(Stdio::null()).output().map_err(io(step))?;
+    tracing::debug!(
+        step,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "ran"
+    );
     if output.status.success() {
         Ok(())
     } else {

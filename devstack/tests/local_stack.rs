@@ -1,12 +1,17 @@
 //! The fake IMDS, moto and the assembled stack, exercised over their real wire protocols.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::PathBuf;
 
 use devstack::imds::{FakeImds, Identity, TOKEN_HEADER, TOKEN_TTL_HEADER};
 use reqwest::StatusCode;
 
 fn moto_bin() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/moto_server"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../.venv/bin/moto_server"
+    ))
 }
 
 async fn token(client: &reqwest::Client, endpoint: &str) -> String {
@@ -18,7 +23,8 @@ async fn token(client: &reqwest::Client, endpoint: &str) -> String {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
-        response.headers()[TOKEN_TTL_HEADER], "21600",
+        response.headers()[TOKEN_TTL_HEADER],
+        "21600",
         "the AWS SDK refuses a token answered without its TTL header"
     );
     response.text().await.unwrap()
@@ -94,7 +100,9 @@ async fn imds_serves_the_identity_only_to_token_holders() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(
-        get(&client, format!("{base}/instance-id"), "forged").await.0,
+        get(&client, format!("{base}/instance-id"), "forged")
+            .await
+            .0,
         StatusCode::UNAUTHORIZED
     );
 

@@ -1,5 +1,7 @@
 //! The migration runner and the schema it produces, on a real PostgreSQL.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use database::{MIGRATIONS, MigrateError, Migration, migrate, migrate_with};
 use devstack::postgres::{Postgres, connect};
 use tokio_postgres::error::SqlState;
@@ -151,9 +153,7 @@ async fn schema_enforces_statuses_capacity_and_cascade() {
 
     let insert_mandelbox = "INSERT INTO whist.mandelboxes (id, app, instance_id, status) \
         VALUES (gen_random_uuid(), 'chrome', $1, $2)";
-    let bad = client
-        .execute(insert_mandelbox, &[&"i-1", &"EXITED"])
-        .await;
+    let bad = client.execute(insert_mandelbox, &[&"i-1", &"EXITED"]).await;
     assert_eq!(bad.unwrap_err().code(), Some(&SqlState::CHECK_VIOLATION));
     let orphan = client
         .execute(insert_mandelbox, &[&"i-missing", &"ALLOCATED"])

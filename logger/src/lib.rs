@@ -20,10 +20,10 @@ use std::str::FromStr;
 pub use args::{AppEnv, LogArgs};
 pub use secret::{REDACTED, Secret};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::Layer;
 
 /// How log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,7 +41,9 @@ impl FromStr for LogFormat {
         match s.to_ascii_lowercase().as_str() {
             "pretty" | "text" => Ok(Self::Pretty),
             "json" => Ok(Self::Json),
-            other => Err(format!("unknown log format {other:?}: expected `pretty` or `json`")),
+            other => Err(format!(
+                "unknown log format {other:?}: expected `pretty` or `json`"
+            )),
         }
     }
 }
@@ -154,7 +156,11 @@ pub fn init(config: &LogConfig) -> Result<LoggerGuard, LoggerError> {
         .map_err(|e| LoggerError::AlreadyInstalled(e.to_string()))?;
 
     install_panic_hook();
-    tracing::debug!(service = config.service, sentry = sentry_guard.is_some(), "logging ready");
+    tracing::debug!(
+        service = config.service,
+        sentry = sentry_guard.is_some(),
+        "logging ready"
+    );
     Ok(LoggerGuard {
         _sentry: sentry_guard,
     })

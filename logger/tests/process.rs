@@ -1,6 +1,8 @@
 //! Behaviour of `logger::init` in a real process: the test re-runs its own binary as a child with
 //! a role in `LOGGER_TEST_CHILD`, and checks what the child wrote to stderr.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::process::Command;
 
 use logger::{LogConfig, LogFormat, Secret};
@@ -42,7 +44,10 @@ fn panic_is_logged_as_a_json_error_event() {
     assert_eq!(event["level"], "ERROR");
     assert_eq!(event["panic.message"], "boom from the child");
     assert!(
-        event["panic.location"].as_str().unwrap().contains("process.rs"),
+        event["panic.location"]
+            .as_str()
+            .unwrap()
+            .contains("process.rs"),
         "{event}"
     );
 }
@@ -67,7 +72,10 @@ fn secrets_never_reach_the_log() {
     }
     let (ok, stderr) = child_stderr("secret", "secrets_never_reach_the_log");
     assert!(ok, "{stderr}");
-    assert!(stderr.contains("configuration"), "the event must be logged: {stderr}");
+    assert!(
+        stderr.contains("configuration"),
+        "the event must be logged: {stderr}"
+    );
     assert!(stderr.contains("127.0.0.1:8080"), "{stderr}");
     assert!(!stderr.contains("s3cr3t-value"), "secret leaked: {stderr}");
 }

@@ -63,7 +63,10 @@ fn main() {
 }
 
 fn run(dir: &Path, poll: Duration) -> Result<Exit, String> {
-    eprintln!("mandelbox-stub: waiting for .paramsReady in {}", dir.display());
+    eprintln!(
+        "mandelbox-stub: waiting for .paramsReady in {}",
+        dir.display()
+    );
     wait_for(&dir.join(".paramsReady"), poll);
     let read = |name: &str| -> Result<String, String> {
         std::fs::read_to_string(dir.join(name))

@@ -86,13 +86,19 @@ schema:
 	$(CARGO) run -q -p devstack --bin whist-devstack -- print-schema > schema.graphql.new
 	mv schema.graphql.new schema.graphql
 
-# The services against the local stack: start `make run` first, in another terminal.
+# The services against the local stack: start `make run` first, in another terminal. The host
+# service takes the stack's default identity (its fake IMDS) and keeps its files in .devstack/whist.
+HOST_SERVICE_LOCAL := WHIST_ROOT=$(CURDIR)/.devstack/whist WHIST_GPU_OVERRIDE=2 WHIST_OPS_ADDR=127.0.0.1:4679
+
 run_host_service_localdevwithdb:
 	@test -f .devstack/env || { echo "start the stack first: make run"; exit 1; }
-	. .devstack/env && APP_ENV=localdevwithdb $(CARGO) run -p host-service --bin whist-host-service
+	$(CARGO) build -p host-service --bin whist-host-service
+	. .devstack/env && APP_ENV=localdevwithdb $(HOST_SERVICE_LOCAL) $(CARGO_TARGET_DIR)/debug/whist-host-service
 
 run_host_service:
-	APP_ENV=localdev $(CARGO) run -p host-service --bin whist-host-service
+	@test -f .devstack/env || { echo "start the stack first: make run (the host reads its identity from its fake IMDS)"; exit 1; }
+	$(CARGO) build -p host-service --bin whist-host-service
+	. .devstack/env && APP_ENV=localdev $(HOST_SERVICE_LOCAL) $(CARGO_TARGET_DIR)/debug/whist-host-service
 
 run_scaling_service_localdevwithdb:
 	@test -f .devstack/env || { echo "start the stack first: make run"; exit 1; }

@@ -63,6 +63,14 @@ struct UpArgs {
     /// Region of the default fake IMDS identity.
     #[arg(long, default_value = "us-east-1")]
     region: String,
+    /// Do not insert a PRE_CONNECTION row for the default identity (the scaling service
+    /// inserts rows for the instances it launches).
+    #[arg(long)]
+    no_default_instance: bool,
+    /// `client_sha` of the default instance's row: a prefix of the host service's commit
+    /// (`dev` for builds without WHIST_COMMIT).
+    #[arg(long, default_value = "dev")]
+    client_sha: String,
 }
 
 fn main() -> ExitCode {
@@ -108,6 +116,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         control_port: args.control_port,
         admin_secret: None,
         default_identity: Identity::local(&args.instance_id, &args.region),
+        default_instance_row: (!args.no_default_instance).then_some(args.client_sha),
     };
     let stack = Stack::up(options).await?;
     println!("whist-devstack is up:");

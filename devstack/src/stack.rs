@@ -40,6 +40,9 @@ pub struct StackOptions {
     pub admin_secret: Option<String>,
     /// The identity of the default fake IMDS (`AWS_EC2_METADATA_SERVICE_ENDPOINT`).
     pub default_identity: Identity,
+    /// Insert a PRE_CONNECTION row for the default identity with this `client_sha`, as the
+    /// scaling service would at launch, so a host service started by hand can register.
+    pub default_instance_row: Option<String>,
 }
 
 /// A running stack.
@@ -56,6 +59,8 @@ pub struct Stack {
     extra_imds: Arc<Mutex<BTreeMap<u16, FakeImds>>>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
+    /// Held for the stack's life: the exclusive lock on the pid file.
+    _lock: std::fs::File,
 }
 
 impl Stack {
@@ -66,7 +71,7 @@ impl Stack {
             .state_dir
             .canonicalize()
             .with_context(|| format!("resolving {}", options.state_dir.display()))?;
-        claim_state_dir(&state_dir)?;
+        let lock = claim_state_dir(&state_dir)?;
 
         let postgres = Postgres::start(Some(&state_dir)).context("starting PostgreSQL")?;
         let database_url = postgres.url("postgres");
@@ -75,6 +80,23 @@ impl Stack {
             .context("connecting to PostgreSQL")?;
         let report = database::migrate(&mut sql).await.context("migrating")?;
         tracing::info!(applied = ?report.applied, "migrations applied");
+        if let Some(client_sha) = &options.default_instance_row {
+            let identity = &options.default_identity;
+            sql.execute(
+                "INSERT INTO whist.instances (id, provider, region, image_id, client_sha, \
+                 instance_type, remaining_capacity, status) \
+                 VALUES ($1, 'AWS', $2, $3, $4, $5, 0, 'PRE_CONNECTION')",
+                &[
+                    &identity.instance_id,
+                    &identity.region,
+                    &identity.ami_id,
+                    client_sha,
+                    &identity.instance_type,
+                ],
+            )
+            .await
+            .context("inserting the default instance's row")?;
+        }
 
         let admin_secret = options
             .admin_secret
@@ -141,6 +163,7 @@ impl Stack {
             extra_imds,
             shutdown,
             tasks,
+            _lock: lock,
         };
         stack.write_env_file()?;
         Ok(stack)
@@ -272,16 +295,24 @@ async fn delete_imds(
     }
 }
 
-/// Makes sure no other devstack uses `state_dir`, and clears what a killed one left behind.
-fn claim_state_dir(state_dir: &Path) -> anyhow::Result<()> {
+/// Makes sure no other devstack uses `state_dir` (an exclusive lock on its pid file, held for
+/// the stack's life and released by the kernel if the process dies), and clears what a killed
+/// one left behind.
+fn claim_state_dir(state_dir: &Path) -> anyhow::Result<std::fs::File> {
+    use std::io::Write as _;
     let pid_file = state_dir.join(PID_FILE);
-    if let Ok(text) = std::fs::read_to_string(&pid_file)
-        && let Ok(pid) = text.trim().parse::<i32>()
-        && pid != std::process::id() as i32
-        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-    {
+    let mut lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&pid_file)
+        .with_context(|| format!("opening {}", pid_file.display()))?;
+    if let Err(error) = lock.try_lock() {
+        let holder = std::fs::read_to_string(&pid_file).unwrap_or_default();
         anyhow::bail!(
-            "another whist-devstack (pid {pid}) is using {}; stop it first (Ctrl-C in its terminal)",
+            "another whist-devstack (pid {}) is using {}; stop it first (Ctrl-C in its terminal): {error}",
+            holder.trim(),
             state_dir.display()
         );
     }
@@ -297,9 +328,9 @@ fn claim_state_dir(state_dir: &Path) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_file(state_dir.join(ENV_FILE));
-    std::fs::write(&pid_file, std::process::id().to_string())
-        .with_context(|| format!("writing {}", pid_file.display()))?;
-    Ok(())
+    lock.set_len(0)?;
+    lock.write_all(std::process::id().to_string().as_bytes())?;
+    Ok(lock)
 }
 
 /// Single-quotes a value for a POSIX shell.

@@ -184,3 +184,130 @@ async fn missing_moto_is_a_clear_error() {
         .unwrap_err();
     assert!(error.to_string().contains("make setup"), "{error}");
 }
+
+#[tokio::test]
+async fn stack_up_writes_the_env_file_and_down_removes_everything() {
+    use devstack::stack::{Stack, StackOptions};
+    let state = tempfile::tempdir().unwrap();
+    let identity = Identity::local("i-0stacktest", "us-east-1");
+    let stack = Stack::up(StackOptions {
+        state_dir: state.path().to_owned(),
+        moto_bin: Some(moto_bin()),
+        graphql_port: 0,
+        control_port: 0,
+        admin_secret: None,
+        default_identity: identity.clone(),
+        default_instance_row: Some("dev".into()),
+    })
+    .await
+    .unwrap();
+    let env_file = stack.env_file();
+    let text = std::fs::read_to_string(&env_file).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&env_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the env file holds the admin secret");
+    let env: std::collections::BTreeMap<String, String> = stack
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    for key in [
+        "DATABASE_URL",
+        "HASURA_GRAPHQL_URL",
+        "HASURA_ADMIN_SECRET",
+        "AWS_ENDPOINT_URL",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+        "WHIST_DEVSTACK_CONTROL_URL",
+    ] {
+        assert!(text.contains(&format!("export {key}=")), "{key} missing");
+        assert!(env.contains_key(key));
+    }
+
+    // The GraphQL endpoint enforces the secret and sees the default instance's row.
+    let client = reqwest::Client::new();
+    let query = serde_json::json!({"query": "{ whist_instances { id status } }"});
+    let denied: serde_json::Value = client
+        .post(&env["HASURA_GRAPHQL_URL"])
+        .json(&query)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(denied["errors"][0]["extensions"]["code"], "access-denied");
+    let rows: serde_json::Value = client
+        .post(&env["HASURA_GRAPHQL_URL"])
+        .header("x-hasura-admin-secret", &env["HASURA_ADMIN_SECRET"])
+        .json(&query)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        rows["data"]["whist_instances"][0],
+        serde_json::json!({"id": "i-0stacktest", "status": "PRE_CONNECTION"})
+    );
+
+    // The control API serves another identity, and stops it again.
+    let created: serde_json::Value = client
+        .post(format!("{}/imds", env["WHIST_DEVSTACK_CONTROL_URL"]))
+        .json(&Identity::local("i-0second", "us-west-2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let endpoint = created["endpoint"].as_str().unwrap().to_owned();
+    let token = token(&client, &endpoint).await;
+    assert_eq!(
+        get(
+            &client,
+            format!("{endpoint}/latest/meta-data/instance-id"),
+            &token
+        )
+        .await,
+        (StatusCode::OK, "i-0second".to_owned())
+    );
+    let deleted = client
+        .delete(format!(
+            "{}/imds/{}",
+            env["WHIST_DEVSTACK_CONTROL_URL"], created["port"]
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+
+    // A second stack on the same state directory is refused while this one runs.
+    let second = Stack::up(StackOptions {
+        state_dir: state.path().to_owned(),
+        moto_bin: None,
+        graphql_port: 0,
+        control_port: 0,
+        admin_secret: None,
+        default_identity: identity,
+        default_instance_row: None,
+    })
+    .await;
+    assert!(
+        second
+            .unwrap_err()
+            .to_string()
+            .contains("another whist-devstack"),
+        "two stacks must not share a state directory"
+    );
+
+    stack.down().await.unwrap();
+    assert!(!env_file.exists());
+    let left: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "state left behind: {left:?}");
+}

@@ -13,13 +13,15 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use dbclient::types::{ImageId, InstanceId, MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId};
+use dbclient::types::{
+    ImageId, InstanceId, MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId,
+};
 use dbclient::{DbClient, DbConfig};
 use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
+use host_service::Signals;
 use host_service::docker::{ContainerRuntime, ContainerSpec, DEFAULT_SOCKET, DockerRuntime};
 use host_service::metadata::InstanceIdentity;
 use host_service::pairing::ClientRequest;
-use host_service::Signals;
 use logger::Secret;
 
 const SAMPLES: usize = 15;
@@ -33,7 +35,10 @@ async fn main() -> anyhow::Result<()> {
     // 1. Bare create + start.
     let mut bare = Vec::new();
     for n in 0..SAMPLES {
-        let mut spec = ContainerSpec::new(format!("whist-bench-bare-{n}-{}", std::process::id()), IMAGE);
+        let mut spec = ContainerSpec::new(
+            format!("whist-bench-bare-{n}-{}", std::process::id()),
+            IMAGE,
+        );
         spec.labels.insert("whist.bench".into(), "bare".into());
         let started = Instant::now();
         let id = runtime.create(&spec).await?;
@@ -56,7 +61,11 @@ async fn main() -> anyhow::Result<()> {
             "INSERT INTO whist.instances (id, provider, region, image_id, client_sha, \
              instance_type, remaining_capacity, status) VALUES ($1, 'AWS', 'us-east-1', $2, $3, \
              'g4dn.12xlarge', 0, 'PRE_CONNECTION')",
-            &[&instance.as_str(), &AMI, &host_service::config::BUILD_COMMIT],
+            &[
+                &instance.as_str(),
+                &AMI,
+                &host_service::config::BUILD_COMMIT,
+            ],
         )
         .await?;
     let root = tempfile::tempdir()?;
@@ -165,9 +174,14 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn idle_rss(stack: &TestStack) -> anyhow::Result<(u64, PathBuf)> {
-    let binary = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("release/whist-host-service");
-    anyhow::ensure!(binary.is_file(), "{} not built (make bench builds it)", binary.display());
+    let binary =
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+            .join("release/whist-host-service");
+    anyhow::ensure!(
+        binary.is_file(),
+        "{} not built (make bench builds it)",
+        binary.display()
+    );
     let id = "i-bench0000000002";
     stack
         .sql()
@@ -202,7 +216,10 @@ async fn idle_rss(stack: &TestStack) -> anyhow::Result<(u64, PathBuf)> {
         {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "the host service did not become ready");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the host service did not become ready"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Let it settle into its idle loops (heartbeat, sweeper, subscriptions) before reading.

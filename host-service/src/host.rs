@@ -58,6 +58,8 @@ pub struct Host<R> {
     pub readiness: Arc<Readiness>,
     pub gpu_count: usize,
     pub apparmor_profile: Option<String>,
+    /// Whether `/dev/uinput` exists: mandelboxes get virtual input devices only then.
+    pub uinput_available: bool,
     resources: Mutex<Resources>,
     registry: Mutex<HashMap<MandelboxId, Arc<Handle>>>,
     live: watch::Sender<usize>,
@@ -90,6 +92,7 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
             readiness,
             gpu_count,
             apparmor_profile,
+            uinput_available: std::path::Path::new(crate::uinput::UINPUT_PATH).exists(),
             resources: Mutex::new(resources),
             registry: Mutex::new(HashMap::new()),
             live: watch::channel(0).0,
@@ -205,6 +208,11 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
             host.live.send_replace(registry.len());
         });
         true
+    }
+
+    /// Spawns a task the host joins at shutdown.
+    pub fn spawn_tracked(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
     }
 
     pub fn live_mandelboxes(&self) -> usize {

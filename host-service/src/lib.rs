@@ -16,9 +16,10 @@
 //! error, 2 on bad configuration.
 //!
 //! Modules, one per noun: [`config`], [`metadata`] (IMDS), [`docker`] (the engine), [`ports`],
-//! [`ttys`], [`gpus`], [`resources`] (the allocators), [`mappings`] (files shared with a
-//! mandelbox), [`pairing`] (json_transport), [`mandelbox`] (one mandelbox's life), [`host`]
-//! (what they share and the loops), [`registration`], [`reconcile`], [`ops`] (metrics, health).
+//! [`ttys`], [`gpus`], [`resources`] (the allocators), [`uinput`] (input devices), [`mappings`]
+//! (files shared with a mandelbox), [`pairing`] (json_transport), [`mandelbox`] (one mandelbox's
+//! life), [`host`] (what they share and the loops), [`registration`], [`reconcile`], [`ops`]
+//! (metrics, health).
 
 pub mod config;
 pub mod docker;
@@ -34,6 +35,7 @@ pub mod reconcile;
 pub mod registration;
 pub mod resources;
 pub mod ttys;
+pub mod uinput;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

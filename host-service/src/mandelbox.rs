@@ -81,6 +81,8 @@ pub enum SpinUpError {
     ExitedEarly(Option<i64>),
     #[error("stopped by the host")]
     Stopped,
+    #[error("input devices: {0}")]
+    Input(#[from] crate::uinput::UinputError),
 }
 
 impl SpinUpError {
@@ -97,6 +99,7 @@ impl SpinUpError {
             Self::Pairing(_) => "json_transport",
             Self::ExitedEarly(_) => "exited_early",
             Self::Stopped => "stopped",
+            Self::Input(_) => "input_devices",
         }
     }
 }
@@ -234,8 +237,21 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
 
     let allocation = host.allocate(id);
     let mut container = None;
+    // Cancelled at teardown: ends the input-device hand-over and frees the devices.
+    let ended = CancellationToken::new();
     let result = match &allocation {
-        Ok(allocation) => spin_up(&host, &row, allocation, &handle, &mut container, event_at).await,
+        Ok(allocation) => {
+            spin_up(
+                &host,
+                &row,
+                allocation,
+                &handle,
+                &mut container,
+                event_at,
+                &ended,
+            )
+            .await
+        }
         Err(error) => Err(SpinUpError::Resources(error.clone())),
     };
     host.metrics
@@ -282,6 +298,7 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
             (MandelboxStatus::Connecting, "failed")
         }
     };
+    ended.cancel();
     teardown(
         &host,
         id,
@@ -300,16 +317,21 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     handle: &Handle,
     container: &mut Option<ContainerId>,
     event_at: Instant,
+    ended: &CancellationToken,
 ) -> Result<ClientAnswer, SpinUpError> {
     let id = row.id;
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     let session_id = sanitize_session_id(row.session_id.as_deref());
-    let (created_dirs, image) =
-        tokio::join!(dirs.create(&session_id), host.resolve_image(&row.app));
+    let (created_dirs, image, input) = tokio::join!(
+        dirs.create(&session_id),
+        host.resolve_image(&row.app),
+        create_input_devices(host)
+    );
     created_dirs?;
     let image = image?;
+    let input = input?;
     let private_key = new_private_key();
-    let spec = build_spec(
+    let mut spec = build_spec(
         host,
         row,
         allocation,
@@ -318,6 +340,15 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         &image,
         &private_key,
     );
+    if let Some(devices) = &input {
+        for device in &devices.devices {
+            spec.devices.push(Device {
+                host_path: device.node.clone(),
+                container_path: device.node.clone(),
+                permissions: "rwm".to_owned(),
+            });
+        }
+    }
     let params = Params {
         host_port_32262: host_port(&allocation.ports, 32262),
         tty: allocation.tty,
@@ -337,6 +368,19 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     handle.set_container(container_id.clone());
     written?;
     host.runtime.start(&container_id).await?;
+    if let Some(devices) = input {
+        // The protocol's input driver connects once it starts; the devices live until then and
+        // until the mandelbox ends.
+        let socket = dirs.sockets().join(crate::uinput::SOCKET_NAME);
+        let ended = ended.clone();
+        host.spawn_tracked(async move {
+            if let Err(error) = crate::uinput::hand_over(&devices, &socket, ended.clone()).await {
+                tracing::warn!(%error, "input device hand-over failed");
+            }
+            ended.cancelled().await;
+            drop(devices);
+        });
+    }
     mappings::mark_params_ready(&mappings_dir).await?;
     host.metrics
         .params_ready_seconds
@@ -372,6 +416,30 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         host_ports: allocation.ports.iter().map(|(c, h)| (c.port, *h)).collect(),
         private_key,
     })
+}
+
+/// The mandelbox's virtual input devices where the host has uinput; `None` where it has not.
+async fn create_input_devices<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+) -> Result<Option<crate::uinput::InputDevices>, SpinUpError> {
+    if !host.uinput_available {
+        return Ok(None);
+    }
+    let path = std::path::PathBuf::from(crate::uinput::UINPUT_PATH);
+    match tokio::task::spawn_blocking(move || crate::uinput::create(&path)).await {
+        Ok(Ok(devices)) => Ok(Some(devices)),
+        Ok(Err(crate::uinput::UinputError::Unavailable(reason))) => {
+            tracing::debug!(
+                reason,
+                "no uinput: the mandelbox runs without input devices"
+            );
+            Ok(None)
+        }
+        Ok(Err(error)) => Err(error.into()),
+        Err(join) => Err(SpinUpError::Input(crate::uinput::UinputError::Unavailable(
+            join.to_string(),
+        ))),
+    }
 }
 
 /// Runs `future` unless the container exits or the host stops the mandelbox first.
@@ -570,8 +638,8 @@ fn build_spec<R: ContainerRuntime + Clone + 'static>(
         }
     }
     spec.ports = allocation.ports.clone();
-    // FUSE for the mandelbox's file sync, where the host has it (uinput devices come with the
-    // input work; this kernel has no /dev/uinput).
+    // FUSE for the mandelbox's file sync, where the host has it (input devices are added by
+    // the caller where the host has uinput).
     if std::path::Path::new("/dev/fuse").exists() {
         spec.devices.push(Device {
             host_path: PathBuf::from("/dev/fuse"),

@@ -43,6 +43,9 @@ const EVENTS_RETRY_CAP: Duration = Duration::from_secs(10);
 /// Removing a row (teardown) is retried through short database outages for up to this long;
 /// after that the sweeper finds the row.
 const ROW_DELETE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a local image lookup is reused. A freshly built `current-build` is picked up within
+/// this delay; spin-ups in between save a Docker round trip.
+const IMAGE_CACHE_TTL: Duration = Duration::from_secs(30);
 /// Pairing slots for mandelboxes that never arrived are dropped after this long.
 const PAIRING_IDLE: Duration = Duration::from_secs(300);
 
@@ -60,6 +63,9 @@ pub struct Host<R> {
     pub apparmor_profile: Option<String>,
     /// Whether `/dev/uinput` exists: mandelboxes get virtual input devices only then.
     pub uinput_available: bool,
+    /// Local image lookups, kept for [`IMAGE_CACHE_TTL`]: listing images costs a Docker round
+    /// trip on every spin-up otherwise.
+    images: Mutex<HashMap<String, (String, Instant)>>,
     resources: Mutex<Resources>,
     registry: Mutex<HashMap<MandelboxId, Arc<Handle>>>,
     live: watch::Sender<usize>,
@@ -93,6 +99,7 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
             gpu_count,
             apparmor_profile,
             uinput_available: std::path::Path::new(crate::uinput::UINPUT_PATH).exists(),
+            images: Mutex::new(HashMap::new()),
             resources: Mutex::new(resources),
             registry: Mutex::new(HashMap::new()),
             live: watch::channel(0).0,
@@ -166,10 +173,25 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
     pub async fn resolve_image(&self, app: &str) -> Result<String, SpinUpError> {
         let app = app_image_name(app);
         if self.config.app_env.is_local() {
-            self.runtime
+            let cached = match self.images.lock() {
+                Ok(images) => images.get(&app).cloned(),
+                Err(poisoned) => poisoned.into_inner().get(&app).cloned(),
+            };
+            if let Some((image, at)) = cached
+                && at.elapsed() < IMAGE_CACHE_TTL
+            {
+                return Ok(image);
+            }
+            let image = self
+                .runtime
                 .find_image(&app)
                 .await?
-                .ok_or(SpinUpError::NoImage(app))
+                .ok_or_else(|| SpinUpError::NoImage(app.clone()))?;
+            match self.images.lock() {
+                Ok(mut images) => images.insert(app, (image.clone(), Instant::now())),
+                Err(poisoned) => poisoned.into_inner().insert(app, (image.clone(), Instant::now())),
+            };
+            Ok(image)
         } else {
             Ok(format!(
                 "{}/{}/{app}:current-build",

@@ -202,26 +202,32 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
     let span = tracing::info_span!("mandelbox", mandelbox.id = %id, user.id = ?row.user_id);
     let _enter = span.enter();
 
-    // The guarded claim makes a repeated delivery, or a second host, a no-op.
-    if let Some(db) = &host.db {
-        match db
-            .transition_mandelbox_status(
-                &id,
-                MandelboxStatus::Allocated,
-                MandelboxStatus::Connecting,
-            )
-            .await
-        {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                tracing::debug!("allocation already claimed or gone; nothing to do");
-                return;
-            }
-            Err(error) => {
-                // The row stays ALLOCATED: the next delivery (or the sweeper) handles it.
-                tracing::warn!(%error, "cannot claim the allocation");
-                return;
-            }
+    // The guarded claim makes a repeated delivery, or a second host, a no-op. Resolving the
+    // image reads nothing the claim protects, so it runs meanwhile.
+    let claim = async {
+        match &host.db {
+            Some(db) => db
+                .transition_mandelbox_status(
+                    &id,
+                    MandelboxStatus::Allocated,
+                    MandelboxStatus::Connecting,
+                )
+                .await
+                .map(|claimed| claimed.is_some()),
+            None => Ok(true),
+        }
+    };
+    let (claimed, image) = tokio::join!(claim, host.resolve_image(&row.app));
+    match claimed {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!("allocation already claimed or gone; nothing to do");
+            return;
+        }
+        Err(error) => {
+            // The row stays ALLOCATED: the next delivery (or the sweeper) handles it.
+            tracing::warn!(%error, "cannot claim the allocation");
+            return;
         }
     }
     let owner = match (&row.user_id, host.config.app_env.is_local()) {
@@ -241,16 +247,14 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
     let ended = CancellationToken::new();
     let result = match &allocation {
         Ok(allocation) => {
-            spin_up(
-                &host,
-                &row,
+            let job = Job {
+                row: &row,
                 allocation,
-                &handle,
-                &mut container,
+                handle: &handle,
                 event_at,
-                &ended,
-            )
-            .await
+                ended: &ended,
+            };
+            spin_up(&host, &job, image, &mut container).await
         }
         Err(error) => Err(SpinUpError::Resources(error.clone())),
     };
@@ -310,23 +314,34 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
     .await;
 }
 
+/// What one spin-up works on.
+struct Job<'a> {
+    row: &'a Mandelbox,
+    allocation: &'a Allocation,
+    handle: &'a Handle,
+    /// When the allocation reached the host.
+    event_at: Instant,
+    /// Cancelled at teardown.
+    ended: &'a CancellationToken,
+}
+
 async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     host: &Host<R>,
-    row: &Mandelbox,
-    allocation: &Allocation,
-    handle: &Handle,
+    job: &Job<'_>,
+    image: Result<String, SpinUpError>,
     container: &mut Option<ContainerId>,
-    event_at: Instant,
-    ended: &CancellationToken,
 ) -> Result<ClientAnswer, SpinUpError> {
+    let Job {
+        row,
+        allocation,
+        handle,
+        event_at,
+        ended,
+    } = *job;
     let id = row.id;
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     let session_id = sanitize_session_id(row.session_id.as_deref());
-    let (created_dirs, image, input) = tokio::join!(
-        dirs.create(&session_id),
-        host.resolve_image(&row.app),
-        create_input_devices(host)
-    );
+    let (created_dirs, input) = tokio::join!(dirs.create(&session_id), create_input_devices(host));
     created_dirs?;
     let image = image?;
     let input = input?;

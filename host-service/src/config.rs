@@ -47,6 +47,9 @@ pub struct Args {
     /// Mandelboxes per GPU.
     #[arg(long, env = "WHIST_MANDELBOXES_PER_GPU", default_value_t = crate::gpus::MAX_MANDELBOXES_PER_GPU)]
     pub mandelboxes_per_gpu: usize,
+    /// CPUs each mandelbox may use (a CFS quota; the original gave relative shares only).
+    #[arg(long, env = "WHIST_MANDELBOX_CPUS", default_value_t = 4.0)]
+    pub mandelbox_cpus: f64,
     /// Capacity of a host without GPUs.
     #[arg(long, env = "WHIST_CPU_HOST_CAPACITY", default_value_t = 1)]
     pub cpu_host_capacity: usize,
@@ -105,6 +108,8 @@ pub struct Config {
     pub root_dir: PathBuf,
     pub port_range: Range<u16>,
     pub mandelboxes_per_gpu: usize,
+    /// CPU quota per mandelbox in billionths of a CPU.
+    pub mandelbox_nano_cpus: u64,
     pub cpu_host_capacity: usize,
     pub gpu_override: Option<usize>,
     pub image_registry: String,
@@ -134,6 +139,8 @@ pub enum ConfigError {
     PoweroffInLocalDev(AppEnv),
     #[error("--mandelboxes-per-gpu must be at least 1")]
     ZeroPerGpu,
+    #[error("--mandelbox-cpus must be between 0.01 and 1024, not {0}")]
+    Cpus(f64),
     #[error("the port range {0:?} is too small for one mandelbox")]
     PortRangeTooSmall(Range<u16>),
 }
@@ -163,6 +170,9 @@ impl Args {
         if self.mandelboxes_per_gpu == 0 {
             return Err(ConfigError::ZeroPerGpu);
         }
+        if !(0.01..=1024.0).contains(&self.mandelbox_cpus) {
+            return Err(ConfigError::Cpus(self.mandelbox_cpus));
+        }
         if self.port_range.len() < crate::ports::MANDELBOX_PORTS.len() {
             return Err(ConfigError::PortRangeTooSmall(self.port_range));
         }
@@ -174,6 +184,7 @@ impl Args {
             root_dir: self.root_dir,
             port_range: self.port_range,
             mandelboxes_per_gpu: self.mandelboxes_per_gpu,
+            mandelbox_nano_cpus: (self.mandelbox_cpus * 1e9).round() as u64,
             cpu_host_capacity: self.cpu_host_capacity,
             gpu_override: self.gpu_override,
             image_registry: self.image_registry.trim_end_matches('/').to_owned(),

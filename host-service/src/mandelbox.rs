@@ -673,6 +673,11 @@ fn build_spec<R: ContainerRuntime + Clone + 'static>(
         })
         .collect();
     spec.memory_bytes = Some(MEMORY_BYTES);
+    // Docker refuses a quota above the host's CPU count (small development machines).
+    let host_nano_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        as u64
+        * 1_000_000_000;
+    spec.nano_cpus = Some(host.config.mandelbox_nano_cpus.min(host_nano_cpus));
     spec.pids_limit = Some(PIDS_LIMIT);
     spec.init = host.config.container_init;
     spec.runtime =

@@ -13,10 +13,16 @@ CARGO ?= cargo
 VENV := .venv
 PYTHON ?= python3
 STAMPS := $(CARGO_TARGET_DIR)/whist-stamps
-APT_PACKAGES := postgresql
+# Debian packages as PACKAGE:COMMAND; setup-system installs a package only when its command is
+# missing. PostgreSQL's server binaries are what devstack needs; the rest serve
+# `make check-artifacts`. OPTIONAL_APT_PACKAGES are installed where the distribution has them
+# (Debian has packer 1.6; without it the Packer check reports a skip).
+APT_PACKAGES := postgresql:initdb shellcheck:shellcheck apparmor:apparmor_parser prometheus:promtool \
+                jq:jq curl:curl iproute2:ip iptables:iptables packer:packer
+OPTIONAL_APT_PACKAGES := packer
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup setup-system setup-python setup-image build run test check fmt clippy bench schema \
+.PHONY: help setup setup-system setup-python setup-image build run test check check-artifacts fmt clippy bench schema \
         run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb
 
 help:
@@ -29,12 +35,26 @@ help:
 
 setup: setup-system setup-python setup-image
 
-# PostgreSQL's server binaries (initdb, pg_ctl) are what devstack needs.
 setup-system:
-	@if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  echo "installing $(APT_PACKAGES)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \
-	fi
+	@missing=(); optional=(); \
+	for entry in $(APT_PACKAGES); do \
+	  package=$${entry%%:*}; tool=$${entry#*:}; \
+	  if command -v "$$tool" >/dev/null || [ -x "/usr/sbin/$$tool" ] || [ -x "/sbin/$$tool" ]; then continue; fi; \
+	  if [ "$$tool" = initdb ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then continue; fi; \
+	  case " $(OPTIONAL_APT_PACKAGES) " in *" $$package "*) optional+=("$$package") ;; *) missing+=("$$package") ;; esac; \
+	done; \
+	available() { apt-cache policy "$$1" 2>/dev/null | grep 'Candidate: [0-9]' >/dev/null; }; \
+	if [ $${#missing[@]} -eq 0 ]; then \
+	  for package in "$${optional[@]}"; do available "$$package" && missing+=("$$package"); done; \
+	  [ $${#missing[@]} -eq 0 ] && exit 0; \
+	  optional=(); \
+	fi; \
+	$(SUDO) apt-get update -qq; \
+	for package in "$${optional[@]}"; do \
+	  if available "$$package"; then missing+=("$$package"); else echo "$$package is not available from apt: its check will be skipped"; fi; \
+	done; \
+	echo "installing $${missing[*]}"; \
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends "$${missing[@]}"
 
 setup-python: $(VENV)/.installed
 
@@ -59,8 +79,15 @@ run: setup
 	$(CARGO) build -p devstack
 	$(CARGO_TARGET_DIR)/debug/whist-devstack up
 
-# Doc tests first, so the run closes with the test runner's summary of the whole suite.
-test: setup
+# The operational artefacts (host-setup/, scaling-service/deploy/, docs/observability/):
+# shellcheck, systemd-analyze, apparmor_parser, packer, promtool and consistency with the code.
+# Prints "N passed, M failed".
+check-artifacts: setup-system setup-python
+	host-setup/check.sh
+
+# The artefacts' checks and the doc tests first, so the run closes with the test runner's summary
+# of the whole suite.
+test: setup check-artifacts
 	$(CARGO) test -q --workspace --doc
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \

@@ -51,6 +51,9 @@ struct UpArgs {
     /// Run without moto (no EC2/S3 API).
     #[arg(long)]
     no_moto: bool,
+    /// Requirements installed into the virtualenv beside moto_server when it is missing.
+    #[arg(long, default_value = "devstack/python/requirements.txt")]
+    python_requirements: PathBuf,
     /// GraphQL port (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     graphql_port: u16,
@@ -109,6 +112,9 @@ fn main() -> ExitCode {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if !args.no_moto && !args.moto_server.is_file() {
+        create_virtualenv(&args.moto_server, &args.python_requirements).await?;
+    }
     let options = StackOptions {
         state_dir: args.state_dir,
         moto_bin: (!args.no_moto).then_some(args.moto_server),
@@ -133,6 +139,54 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("\nstopping...");
     stack.down().await?;
     println!("stopped.");
+    Ok(())
+}
+
+/// Creates the virtualenv that holds `moto_server` (`<venv>/bin/moto_server`) and installs the
+/// requirements into it.
+async fn create_virtualenv(
+    moto_server: &std::path::Path,
+    requirements: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let venv = moto_server
+        .parent()
+        .and_then(std::path::Path::parent)
+        .context("--moto-server must be <virtualenv>/bin/moto_server")?;
+    println!(
+        "creating the virtualenv {} with {} (once)...",
+        venv.display(),
+        requirements.display()
+    );
+    let run = |program: std::path::PathBuf, args: Vec<std::ffi::OsString>| async move {
+        let status = tokio::process::Command::new(&program)
+            .args(&args)
+            .status()
+            .await
+            .with_context(|| format!("running {}", program.display()))?;
+        anyhow::ensure!(status.success(), "{} failed: {status}", program.display());
+        anyhow::Ok(())
+    };
+    run(
+        "python3".into(),
+        vec!["-m".into(), "venv".into(), venv.into()],
+    )
+    .await?;
+    run(
+        venv.join("bin/pip"),
+        vec![
+            "install".into(),
+            "-q".into(),
+            "-r".into(),
+            requirements.into(),
+        ],
+    )
+    .await?;
+    anyhow::ensure!(
+        moto_server.is_file(),
+        "{} is still missing after the install",
+        moto_server.display()
+    );
     Ok(())
 }
 

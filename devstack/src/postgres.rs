@@ -160,7 +160,9 @@ impl Postgres {
     }
 
     fn stop_with(&mut self, mode: &str) -> Result<(), PostgresError> {
-        if self.stopped {
+        // Already stopped (by us, or by someone signalling the server directly).
+        if self.stopped || !self.data_dir.join("postmaster.pid").exists() {
+            self.stopped = true;
             return Ok(());
         }
         let pg_ctl = find_binary("pg_ctl")?;

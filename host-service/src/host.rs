@@ -189,7 +189,9 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
                 .ok_or_else(|| SpinUpError::NoImage(app.clone()))?;
             match self.images.lock() {
                 Ok(mut images) => images.insert(app, (image.clone(), Instant::now())),
-                Err(poisoned) => poisoned.into_inner().insert(app, (image.clone(), Instant::now())),
+                Err(poisoned) => poisoned
+                    .into_inner()
+                    .insert(app, (image.clone(), Instant::now())),
             };
             Ok(image)
         } else {

@@ -162,6 +162,9 @@ pub(crate) fn from_postgres(
             error
         }
         _ => {
+            // Unexpected database errors are what a developer needs to see: log the detail
+            // that Hasura keeps in `extensions.internal`.
+            tracing::warn!(sqlstate, message, statement, "unexpected database error");
             let mut error = GqlError::unexpected("database query error");
             error.internal = Some(serde_json::json!({
                 "statement": statement,

@@ -432,11 +432,14 @@ impl Session {
                 Access::ReadWrite => "BEGIN ISOLATION LEVEL READ COMMITTED",
                 Access::ReadOnlySnapshot => "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
             };
+            // Held by the session before BEGIN is sent: if this future is cancelled while BEGIN
+            // is in flight, `Drop` closes the connection instead of the pool getting it back
+            // inside a transaction.
+            let client = connection.insert(client);
             client
                 .batch_execute(begin)
                 .await
                 .map_err(|e| from_postgres(&e, begin, "$"))?;
-            *connection = Some(client);
         }
         let Some(client) = connection.as_ref() else {
             return Err(GqlError::unexpected("no database session"));

@@ -195,7 +195,10 @@ impl Hasura {
             config.clone(),
             tokio_postgres::NoTls,
             deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+                // A request whose future is dropped mid-way (the client went away) returns its
+                // connection inside an open transaction, possibly a read-only one; rolling back
+                // on recycle keeps the next request from running in it.
+                recycling_method: deadpool_postgres::RecyclingMethod::Custom("ROLLBACK".into()),
             },
         );
         let pool = deadpool_postgres::Pool::builder(manager)

@@ -441,3 +441,47 @@ async fn shutdown_closes_sockets_with_1012_and_the_port_serves_again() {
     again.send(subscribe("subscribe")).await;
     assert_eq!(users(&again.recv().await), ["u1", "u2"]);
 }
+
+/// A request abandoned mid-transaction (its client went away while the query waited on a lock)
+/// must not hand its pooled connection back inside the open read-only transaction: a later
+/// mutation on that connection would fail with `cannot execute ... in a read-only transaction`
+/// (seen once as a host's row deletion failing with `unexpected`, when the cancellation hit
+/// while BEGIN was in flight).
+#[tokio::test]
+async fn abandoned_requests_do_not_poison_pooled_connections() {
+    let stack = TestStack::start().await.unwrap();
+    let sql = stack.sql().await.unwrap();
+    insert_instance(&sql, "t-1", "ACTIVE", 2).await;
+    // Block readers of the table, send queries whose clients give up, then unblock.
+    sql.batch_execute("BEGIN; LOCK TABLE whist.instances IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    for _ in 0..4 {
+        let abandoned = client
+            .post(stack.graphql_url())
+            .header("x-hasura-admin-secret", TEST_ADMIN_SECRET)
+            .json(&json!({"query": "{ whist_instances { id } }"}))
+            .send()
+            .await;
+        assert!(abandoned.is_err(), "the query must have been blocked");
+    }
+    sql.batch_execute("COMMIT").await.unwrap();
+    // Every pooled connection must still take writes.
+    for n in 0..40 {
+        let response = super::support::data(
+            &stack,
+            "mutation ($n: Int!) { update_whist_instances(where: {id: {_eq: \"t-1\"}}, \
+             _set: {remaining_capacity: $n}) { affected_rows } }",
+            json!({ "n": n }),
+        )
+        .await;
+        assert_eq!(
+            response["update_whist_instances"]["affected_rows"], 1,
+            "mutation {n}: {response}"
+        );
+    }
+}

@@ -8,6 +8,7 @@
 //! configuration.
 
 pub mod config;
+pub mod hosts;
 
 use dbclient::types::InstanceStatus;
 use dbclient::{DbClient, SubscriptionClient};

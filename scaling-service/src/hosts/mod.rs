@@ -14,7 +14,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dbclient::types::{ImageId, InstanceId, Region};
 
+pub mod ec2;
 pub mod fake;
+pub mod faulty;
 
 /// What to launch.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -176,6 +176,24 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
     );
 
     let background = CancellationToken::new();
+    // Whatever way this function returns, the background loops (the ops server first) stop.
+    let _stop_background = background.clone().drop_guard();
+    // The operations endpoint answers from the start: /healthz while the row is awaited (up to
+    // five minutes), /readyz saying why the host is not ready yet.
+    let metrics = ops::Metrics::new()?;
+    let readiness = Arc::new(ops::Readiness::default());
+    let ops_listener = tokio::net::TcpListener::bind(config.ops_addr)
+        .await
+        .map_err(|source| HostError::Ops {
+            addr: config.ops_addr,
+            source,
+        })?;
+    let ops_server = tokio::spawn(ops::serve(
+        ops_listener,
+        metrics.clone(),
+        readiness.clone(),
+        background.clone(),
+    ));
     let db = config.db.as_ref().map(DbClient::new).transpose()?;
     if let Some(db) = &db {
         let registered = registration::register(
@@ -203,15 +221,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         }
     }
 
-    let metrics = ops::Metrics::new()?;
-    let readiness = Arc::new(ops::Readiness::default());
     let apparmor_profile = apparmor_profile_if_loaded(&config.apparmor_profile);
-    let ops_listener = tokio::net::TcpListener::bind(config.ops_addr)
-        .await
-        .map_err(|source| HostError::Ops {
-            addr: config.ops_addr,
-            source,
-        })?;
     let host = Arc::new(Host::new(
         config,
         identity,
@@ -223,12 +233,6 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         apparmor_profile,
     ));
     let tasks = host.tasks.clone();
-    tasks.spawn(ops::serve(
-        ops_listener,
-        metrics,
-        readiness.clone(),
-        background.clone(),
-    ));
     tasks.spawn(host.clone().follow_docker_events(background.clone()));
 
     reconcile::reconcile(&host).await?;
@@ -283,6 +287,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
     {
         tracing::warn!("background tasks did not finish in time");
     }
+    let _ = tokio::time::timeout(TASKS_JOIN_DEADLINE, ops_server).await;
     if host.config.poweroff {
         power_off().await;
     }

@@ -636,3 +636,59 @@ async fn sigkill_during_spinups_then_restart_leaves_a_clean_consistent_state() {
     t.assert_clean(None).await;
     imds.stop().await;
 }
+
+#[tokio::test]
+async fn health_answers_while_the_row_is_awaited_and_readiness_follows_registration() {
+    let t = TestHost::new().await;
+    // No row yet: the scaling service has not inserted it.
+    let sql = t.stack.sql().await.unwrap();
+    sql.execute(
+        "DELETE FROM whist.instances WHERE id = $1",
+        &[&t.identity.instance_id.as_str()],
+    )
+    .await
+    .unwrap();
+    let ops_port = devstack::postgres::free_port().unwrap();
+    let mut config = t.config();
+    config.ops_addr = format!("127.0.0.1:{ops_port}").parse().unwrap();
+    let runtime = DockerRuntime::connect(DEFAULT_SOCKET).await.unwrap();
+    let signals = Signals::new();
+    let task = tokio::spawn(host_service::run_with(
+        config,
+        t.identity.clone(),
+        runtime,
+        signals.clone(),
+        |_| {},
+    ));
+    let get = |path: &'static str| async move {
+        reqwest::get(format!("http://127.0.0.1:{ops_port}{path}"))
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    };
+    t.until("/healthz to answer", || async {
+        get("/healthz").await == Some(200)
+    })
+    .await;
+    let readyz: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz["ready"], false);
+    assert!(
+        readyz["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("not registered")),
+        "{readyz}"
+    );
+    t.insert_row().await;
+    t.until("/readyz to turn ready", || async {
+        get("/readyz").await == Some(200)
+    })
+    .await;
+    signals.drain.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
+}

@@ -657,3 +657,82 @@ mod tests {
         assert_eq!(serde_json::from_value::<Instance>(json).unwrap(), row);
     }
 }
+
+/// Hostile subscription payloads: whatever a server sends, decoding answers `Ok` or `Err` and
+/// never panics, and a row is accepted only with a known status.
+#[cfg(test)]
+mod payload_properties {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("id".to_owned()),
+                        Just("status".to_owned()),
+                        Just("mandelboxes".to_owned()),
+                        Just("ip_addr".to_owned()),
+                        ".{0,12}",
+                    ],
+                    inner,
+                    0..12
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn mandelbox(status: &str, id: &str) -> Value {
+        json!({
+            "id": id,
+            "app": "CHROME",
+            "instance_id": "i-0a1b2c3d4e5f67890",
+            "user_id": "u",
+            "session_id": null,
+            "status": status,
+            "created_at": "2022-01-18T12:58:16.876285+00:00",
+            "updated_at": "2022-01-18T12:58:16+00:00"
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_payloads_never_panic(payload in any_json()) {
+            let _ = serde_json::from_value::<Vec<Mandelbox>>(payload.clone());
+            let _ = serde_json::from_value::<Option<InstanceWithMandelboxes>>(payload.clone());
+            let _ = serde_json::from_value::<Vec<Image>>(payload);
+        }
+
+        #[test]
+        fn rows_are_accepted_only_with_a_known_status_and_a_uuid(
+            status in prop_oneof![
+                Just("ALLOCATED".to_owned()),
+                Just("RUNNING".to_owned()),
+                ".{0,12}",
+            ],
+            id in prop_oneof![
+                Just("5ccdb471-8ab2-4441-a3d1-f7f7146dda0c".to_owned()),
+                ".{0,40}",
+            ],
+        ) {
+            let decoded = serde_json::from_value::<Mandelbox>(mandelbox(&status, &id));
+            let known = status.parse::<MandelboxStatus>().is_ok();
+            let uuid = id.parse::<uuid::Uuid>().is_ok();
+            prop_assert_eq!(decoded.is_ok(), known && uuid, "{:?}", decoded);
+        }
+    }
+}

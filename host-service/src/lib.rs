@@ -195,6 +195,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         background.clone(),
     ));
     let db = config.db.as_ref().map(DbClient::new).transpose()?;
+    let mut draining_at_start = false;
     if let Some(db) = &db {
         let registered = registration::register(
             db,
@@ -206,8 +207,10 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         .await?;
         match registered {
             Registered::Draining => {
-                tracing::info!("this instance is DRAINING: nothing to start");
-                return Ok(Stopped::DrainingAtStart);
+                // A drain was under way when this process died (or the scaling service
+                // drained the host before it started): finish it by cleaning up, start nothing.
+                tracing::info!("this instance is DRAINING: cleaning up, starting nothing");
+                draining_at_start = true;
             }
             Registered::Active {
                 instance,
@@ -233,6 +236,19 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         apparmor_profile,
     ));
     let tasks = host.tasks.clone();
+    if draining_at_start {
+        let report = reconcile::remove_everything(&host).await?;
+        tracing::info!(?report, "cleaned up after an interrupted drain");
+        if let Some(db) = &host.db
+            && let Err(error) = db.delete_instance(host.instance_id()).await
+        {
+            tracing::warn!(%error, "cannot delete the instance row");
+        }
+        if host.config.poweroff {
+            power_off().await;
+        }
+        return Ok(Stopped::DrainingAtStart);
+    }
     tasks.spawn(host.clone().follow_docker_events(background.clone()));
 
     reconcile::reconcile(&host).await?;

@@ -38,6 +38,35 @@ pub enum ReconcileError {
     },
 }
 
+/// Removes every mandelbox of this instance — containers, rows and files — adopting none: the
+/// end of a drain that a crash interrupted.
+pub async fn remove_everything<R: ContainerRuntime + Clone + 'static>(
+    host: &Arc<Host<R>>,
+) -> Result<ReconcileReport, ReconcileError> {
+    let mut report = ReconcileReport::default();
+    let own = host.instance_id().to_string();
+    for container in host.runtime.list_mandelboxes().await? {
+        if container.labels.get(LABEL_INSTANCE_ID) == Some(&own) {
+            remove_container(host, &container, &mut report).await;
+        }
+    }
+    if let Some(db) = &host.db {
+        for row in db.mandelboxes_on_instance(host.instance_id()).await? {
+            host.delete_row(row.id).await;
+            report.removed_rows += 1;
+        }
+    }
+    for id in mandelbox_dirs(&host.config.root_dir)? {
+        match MandelboxDirs::new(&host.config.root_dir, id).remove().await {
+            Ok(()) => report.removed_dirs += 1,
+            Err(error) => {
+                tracing::warn!(%error, mandelbox.id = %id, "cannot remove leftover files")
+            }
+        }
+    }
+    Ok(report)
+}
+
 /// Runs the pass and starts a task for every adopted mandelbox.
 pub async fn reconcile<R: ContainerRuntime + Clone + 'static>(
     host: &Arc<Host<R>>,

@@ -553,56 +553,81 @@ async fn a_row_for_another_image_is_refused() {
     assert!(error.to_string().contains("image_id"), "{error}");
 }
 
-/// The binary, SIGKILLed while spin-ups are in flight, then started again: the second run
-/// finds the first one's containers, rows and files and cleans them all.
-#[tokio::test]
-async fn sigkill_during_spinups_then_restart_leaves_a_clean_consistent_state() {
-    let t = TestHost::new().await;
-    let imds = devstack::imds::FakeImds::spawn(devstack::imds::Identity {
-        instance_id: t.identity.instance_id.to_string(),
-        ami_id: AMI.to_owned(),
-        instance_type: INSTANCE_TYPE.to_owned(),
-        region: "us-east-1".to_owned(),
-        availability_zone: None,
-        public_ipv4: Some(Ipv4Addr::LOCALHOST),
-        local_ipv4: Ipv4Addr::LOCALHOST,
-        tags: Default::default(),
-    })
-    .await
-    .unwrap();
-    let ops_port = devstack::postgres::free_port().unwrap();
-    let spawn = || {
+/// The host service as a child process with this test's identity (through a fake IMDS).
+struct Binary {
+    imds: devstack::imds::FakeImds,
+    ops_port: u16,
+}
+
+impl Binary {
+    async fn new(t: &TestHost) -> Self {
+        let imds = devstack::imds::FakeImds::spawn(devstack::imds::Identity {
+            instance_id: t.identity.instance_id.to_string(),
+            ami_id: AMI.to_owned(),
+            instance_type: INSTANCE_TYPE.to_owned(),
+            region: "us-east-1".to_owned(),
+            availability_zone: None,
+            public_ipv4: Some(Ipv4Addr::LOCALHOST),
+            local_ipv4: Ipv4Addr::LOCALHOST,
+            tags: Default::default(),
+        })
+        .await
+        .unwrap();
+        Self {
+            imds,
+            ops_port: devstack::postgres::free_port().unwrap(),
+        }
+    }
+
+    fn spawn(&self, t: &TestHost, drain_deadline: &str) -> tokio::process::Child {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_whist-host-service"))
             .env("APP_ENV", "localdevwithdb")
             .env("HASURA_GRAPHQL_URL", t.stack.graphql_url())
             .env("HASURA_ADMIN_SECRET", TEST_ADMIN_SECRET)
-            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.endpoint())
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", self.imds.endpoint())
             .env("WHIST_ROOT", t.root.path())
             .env("WHIST_GPU_OVERRIDE", "6")
             .env(
                 "WHIST_PORT_RANGE",
                 format!("{}-{}", t.port_range.start, t.port_range.end),
             )
-            .env("WHIST_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
+            .env("WHIST_OPS_ADDR", format!("127.0.0.1:{}", self.ops_port))
             .env("WHIST_STOP_GRACE", "2s")
-            .env("WHIST_DRAIN_DEADLINE", "1s")
+            .env("WHIST_DRAIN_DEADLINE", drain_deadline)
             .env("WHIST_LOG", "info")
             .kill_on_drop(true)
             .spawn()
             .unwrap()
-    };
-    let ready = || async {
-        reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
+    }
+
+    async fn ready(&self) -> bool {
+        reqwest::get(format!("http://127.0.0.1:{}/readyz", self.ops_port))
             .await
             .is_ok_and(|r| r.status().is_success())
-    };
+    }
+}
 
-    let mut first = spawn();
-    t.until("the first run to be ready", ready).await;
+fn signal(child: &tokio::process::Child, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        signal,
+    )
+    .unwrap();
+}
+
+/// The binary, SIGKILLed while spin-ups are in flight, then started again: the second run
+/// finds the first one's containers, rows and files and cleans them all.
+#[tokio::test]
+async fn sigkill_during_spinups_then_restart_leaves_a_clean_consistent_state() {
+    let t = TestHost::new().await;
+    let binary = Binary::new(&t).await;
+
+    let mut first = binary.spawn(&t, "1s");
+    t.until("the first run to be ready", || binary.ready())
+        .await;
     let capacity = t.capacity().await.unwrap();
-    let mut ids = Vec::new();
     for n in 0..4 {
-        ids.push(t.allocate(&format!("u{n}")).await);
+        t.allocate(&format!("u{n}")).await;
     }
     // The spin-ups wait for json_transport requests that never come: kill mid-way.
     t.until("four containers", || async {
@@ -612,8 +637,9 @@ async fn sigkill_during_spinups_then_restart_leaves_a_clean_consistent_state() {
     first.kill().await.unwrap();
     assert!(!t.files().is_empty(), "the killed run left files behind");
 
-    let mut second = spawn();
-    t.until("the second run to be ready", ready).await;
+    let mut second = binary.spawn(&t, "1s");
+    t.until("the second run to be ready", || binary.ready())
+        .await;
     t.until("the first run's mandelboxes to be cleaned", || async {
         t.containers().await.is_empty() && t.rows().await.is_empty()
     })
@@ -622,11 +648,7 @@ async fn sigkill_during_spinups_then_restart_leaves_a_clean_consistent_state() {
     assert_eq!(t.capacity().await, Some(capacity), "capacity restored");
 
     // SIGTERM drains and deletes the row; the process exits 0.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(second.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    signal(&second, nix::sys::signal::Signal::SIGTERM);
     let status = tokio::time::timeout(WAIT, second.wait())
         .await
         .unwrap()
@@ -634,61 +656,48 @@ async fn sigkill_during_spinups_then_restart_leaves_a_clean_consistent_state() {
     assert!(status.success(), "{status}");
     assert_eq!(t.capacity().await, None);
     t.assert_clean(None).await;
-    imds.stop().await;
+    binary.imds.stop().await;
 }
 
+/// SIGKILL in the middle of a drain, then a restart: the row still says DRAINING, so the new
+/// run finishes the drain (removes every container, file and row), starts nothing and exits 0.
 #[tokio::test]
-async fn health_answers_while_the_row_is_awaited_and_readiness_follows_registration() {
+async fn sigkill_during_drain_then_restart_finishes_the_drain() {
     let t = TestHost::new().await;
-    // No row yet: the scaling service has not inserted it.
-    let sql = t.stack.sql().await.unwrap();
-    sql.execute(
-        "DELETE FROM whist.instances WHERE id = $1",
-        &[&t.identity.instance_id.as_str()],
-    )
-    .await
-    .unwrap();
-    let ops_port = devstack::postgres::free_port().unwrap();
-    let mut config = t.config();
-    config.ops_addr = format!("127.0.0.1:{ops_port}").parse().unwrap();
-    let runtime = DockerRuntime::connect(DEFAULT_SOCKET).await.unwrap();
-    let signals = Signals::new();
-    let task = tokio::spawn(host_service::run_with(
-        config,
-        t.identity.clone(),
-        runtime,
-        signals.clone(),
-        |_| {},
-    ));
-    let get = |path: &'static str| async move {
-        reqwest::get(format!("http://127.0.0.1:{ops_port}{path}"))
-            .await
-            .ok()
-            .map(|r| r.status().as_u16())
-    };
-    t.until("/healthz to answer", || async {
-        get("/healthz").await == Some(200)
+    let binary = Binary::new(&t).await;
+    let mut first = binary.spawn(&t, "10m");
+    t.until("the first run to be ready", || binary.ready())
+        .await;
+    for n in 0..2 {
+        t.allocate(&format!("u{n}")).await;
+    }
+    t.until("two containers", || async {
+        t.containers().await.len() == 2
     })
     .await;
-    let readyz: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
+    signal(&first, nix::sys::signal::Signal::SIGTERM);
+    t.until("the row to say DRAINING", || async {
+        matches!(
+            t.db.instance(&t.identity.instance_id).await,
+            Ok(Some(i)) if i.instance.status == InstanceStatus::Draining
+        )
+    })
+    .await;
+    first.kill().await.unwrap();
+    assert_eq!(
+        t.containers().await.len(),
+        2,
+        "the killed drain left its mandelboxes"
+    );
+
+    let mut second = binary.spawn(&t, "10m");
+    let status = tokio::time::timeout(WAIT, second.wait())
         .await
         .unwrap()
-        .json()
-        .await
         .unwrap();
-    assert_eq!(readyz["ready"], false);
-    assert!(
-        readyz["reasons"]
-            .as_array()
-            .unwrap()
-            .contains(&serde_json::json!("not registered")),
-        "{readyz}"
-    );
-    t.insert_row().await;
-    t.until("/readyz to turn ready", || async {
-        get("/readyz").await == Some(200)
-    })
-    .await;
-    signals.drain.cancel();
-    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
+    assert!(status.success(), "{status}");
+    assert_eq!(t.capacity().await, None, "the instance row is deleted");
+    assert!(t.rows().await.is_empty());
+    t.assert_clean(None).await;
+    binary.imds.stop().await;
 }

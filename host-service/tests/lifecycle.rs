@@ -59,9 +59,13 @@ impl TestHost {
             private_ipv4: Some(Ipv4Addr::LOCALHOST),
             name: Some("test".to_owned()),
         };
-        // Port ranges differ per test so tests in parallel processes rarely meet; the allocator
-        // also skips ports something on the host already holds.
-        let start = 20000 + (u16::from_str_radix(&suffix[..4], 16).unwrap() % 200) * 100;
+        // Port ranges differ per test: nextest runs each test in its own process (consecutive
+        // pids), cargo test in threads of one (the counter). Two hosts sharing a range would
+        // both pick a port before either container binds it.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let slot = (std::process::id() + n * 37) % 200;
+        let start = 20000 + u16::try_from(slot).unwrap() * 100;
         let host = Self {
             stack,
             db,
@@ -700,4 +704,60 @@ async fn sigkill_during_drain_then_restart_finishes_the_drain() {
     assert!(t.rows().await.is_empty());
     t.assert_clean(None).await;
     binary.imds.stop().await;
+}
+
+#[tokio::test]
+async fn health_answers_while_the_row_is_awaited_and_readiness_follows_registration() {
+    let t = TestHost::new().await;
+    // No row yet: the scaling service has not inserted it.
+    let sql = t.stack.sql().await.unwrap();
+    sql.execute(
+        "DELETE FROM whist.instances WHERE id = $1",
+        &[&t.identity.instance_id.as_str()],
+    )
+    .await
+    .unwrap();
+    let ops_port = devstack::postgres::free_port().unwrap();
+    let mut config = t.config();
+    config.ops_addr = format!("127.0.0.1:{ops_port}").parse().unwrap();
+    let runtime = DockerRuntime::connect(DEFAULT_SOCKET).await.unwrap();
+    let signals = Signals::new();
+    let task = tokio::spawn(host_service::run_with(
+        config,
+        t.identity.clone(),
+        runtime,
+        signals.clone(),
+        |_| {},
+    ));
+    let get = |path: &'static str| async move {
+        reqwest::get(format!("http://127.0.0.1:{ops_port}{path}"))
+            .await
+            .ok()
+            .map(|r| r.status().as_u16())
+    };
+    t.until("/healthz to answer", || async {
+        get("/healthz").await == Some(200)
+    })
+    .await;
+    let readyz: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{ops_port}/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz["ready"], false);
+    assert!(
+        readyz["reasons"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("not registered")),
+        "{readyz}"
+    );
+    t.insert_row().await;
+    t.until("/readyz to turn ready", || async {
+        get("/readyz").await == Some(200)
+    })
+    .await;
+    signals.drain.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
 }

@@ -144,6 +144,20 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
         allocation
     }
 
+    /// New host ports for a mandelbox whose ports Docker could not bind.
+    pub fn reallocate_ports(&self, allocation: &mut Allocation) -> Result<(), ResourceError> {
+        let mut resources = self.lock_resources();
+        let result = resources.reallocate_ports(
+            allocation,
+            mandelbox::wanted_ports(),
+            crate::ports::in_use_on_host,
+        );
+        let held = resources.held();
+        drop(resources);
+        self.update_resource_gauges(held);
+        result
+    }
+
     pub fn adopt(&self, id: MandelboxId, allocation: &Allocation) -> Result<(), ResourceError> {
         let mut resources = self.lock_resources();
         let result = resources.adopt(id, allocation);

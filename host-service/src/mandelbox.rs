@@ -241,20 +241,19 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
         .with_label_values(&["starting"])
         .inc();
 
-    let allocation = host.allocate(id);
+    let mut allocation = host.allocate(id);
     let mut container = None;
     // Cancelled at teardown: ends the input-device hand-over and frees the devices.
     let ended = CancellationToken::new();
-    let result = match &allocation {
+    let result = match &mut allocation {
         Ok(allocation) => {
             let job = Job {
                 row: &row,
-                allocation,
                 handle: &handle,
                 event_at,
                 ended: &ended,
             };
-            spin_up(&host, &job, image, &mut container).await
+            spin_up(&host, &job, allocation, image, &mut container).await
         }
         Err(error) => Err(SpinUpError::Resources(error.clone())),
     };
@@ -317,7 +316,6 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
 /// What one spin-up works on.
 struct Job<'a> {
     row: &'a Mandelbox,
-    allocation: &'a Allocation,
     handle: &'a Handle,
     /// When the allocation reached the host.
     event_at: Instant,
@@ -328,12 +326,12 @@ struct Job<'a> {
 async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     host: &Host<R>,
     job: &Job<'_>,
+    allocation: &mut Allocation,
     image: Result<String, SpinUpError>,
     container: &mut Option<ContainerId>,
 ) -> Result<ClientAnswer, SpinUpError> {
     let Job {
         row,
-        allocation,
         handle,
         event_at,
         ended,
@@ -346,43 +344,58 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     let image = image?;
     let input = input?;
     let private_key = new_private_key();
-    let mut spec = build_spec(
-        host,
-        row,
-        allocation,
-        &dirs,
-        &session_id,
-        &image,
-        &private_key,
-    );
-    if let Some(devices) = &input {
-        for device in &devices.devices {
-            spec.devices.push(Device {
-                host_path: device.node.clone(),
-                container_path: device.node.clone(),
-                permissions: "rwm".to_owned(),
-            });
+    let mappings_dir = dirs.mappings();
+    let mut attempt = 1;
+    loop {
+        let mut spec = build_spec(
+            host,
+            row,
+            allocation,
+            &dirs,
+            &session_id,
+            &image,
+            &private_key,
+        );
+        if let Some(devices) = &input {
+            for device in &devices.devices {
+                spec.devices.push(Device {
+                    host_path: device.node.clone(),
+                    container_path: device.node.clone(),
+                    permissions: "rwm".to_owned(),
+                });
+            }
+        }
+        let params = Params {
+            host_port_32262: host_port(&allocation.ports, 32262),
+            tty: allocation.tty,
+            gpu_index: allocation.gpu.unwrap_or(0),
+            session_id: session_id.clone(),
+            protocol_timeout_seconds: host.config.protocol_timeout,
+        };
+
+        // Creating the container and writing its parameters do not depend on each other.
+        let (created, written) = tokio::join!(
+            host.runtime.create(&spec),
+            mappings::write_params(&mappings_dir, &params)
+        );
+        let container_id = created?;
+        *container = Some(container_id.clone());
+        handle.set_container(container_id.clone());
+        written?;
+        match host.runtime.start(&container_id).await {
+            Ok(()) => break,
+            // Something bound a port between the allocator's check and Docker's bind: take
+            // fresh ports and create the container again.
+            Err(error) if is_port_conflict(&error) && attempt < PORT_CONFLICT_ATTEMPTS => {
+                tracing::warn!(%error, attempt, "a host port was taken meanwhile; new ports");
+                attempt += 1;
+                host.runtime.remove(&container_id, true).await?;
+                *container = None;
+                host.reallocate_ports(allocation)?;
+            }
+            Err(error) => return Err(error.into()),
         }
     }
-    let params = Params {
-        host_port_32262: host_port(&allocation.ports, 32262),
-        tty: allocation.tty,
-        gpu_index: allocation.gpu.unwrap_or(0),
-        session_id: session_id.clone(),
-        protocol_timeout_seconds: host.config.protocol_timeout,
-    };
-
-    // Creating the container and writing its parameters do not depend on each other.
-    let mappings_dir = dirs.mappings();
-    let (created, written) = tokio::join!(
-        host.runtime.create(&spec),
-        mappings::write_params(&mappings_dir, &params)
-    );
-    let container_id = created?;
-    *container = Some(container_id.clone());
-    handle.set_container(container_id.clone());
-    written?;
-    host.runtime.start(&container_id).await?;
     if let Some(devices) = input {
         // The protocol's input driver connects once it starts; the devices live until then and
         // until the mandelbox ends.
@@ -431,6 +444,15 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         host_ports: allocation.ports.iter().map(|(c, h)| (c.port, *h)).collect(),
         private_key,
     })
+}
+
+/// Attempts at creating and starting a container when its host ports turn out to be taken.
+const PORT_CONFLICT_ATTEMPTS: u32 = 3;
+
+/// Docker's answer when a published port cannot be bound.
+fn is_port_conflict(error: &RuntimeError) -> bool {
+    let text = error.to_string();
+    text.contains("port is already allocated") || text.contains("address already in use")
 }
 
 /// The mandelbox's virtual input devices where the host has uinput; `None` where it has not.

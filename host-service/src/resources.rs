@@ -65,6 +65,21 @@ impl Resources {
         Ok(Allocation { ports, tty, gpu })
     }
 
+    /// Replaces the host ports of `allocation` with fresh ones (a port turned out to be taken
+    /// when Docker bound it). The new ports are taken before the old are given back, so none of
+    /// the old comes back; on failure `allocation` is unchanged.
+    pub fn reallocate_ports(
+        &mut self,
+        allocation: &mut Allocation,
+        wanted: &[ContainerPort],
+        in_use_on_host: impl FnMut(crate::ports::Protocol, u16) -> bool,
+    ) -> Result<(), ResourceError> {
+        let fresh = self.ports.allocate(wanted, in_use_on_host)?;
+        let old = std::mem::replace(&mut allocation.ports, fresh);
+        self.ports.free(&old)?;
+        Ok(())
+    }
+
     /// Records what an existing mandelbox holds (adopted after a restart).
     pub fn adopt(&mut self, id: MandelboxId, allocation: &Allocation) -> Result<(), ResourceError> {
         for (c, port) in &allocation.ports {

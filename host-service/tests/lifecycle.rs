@@ -761,3 +761,81 @@ async fn health_answers_while_the_row_is_awaited_and_readiness_follows_registrat
     signals.drain.cancel();
     assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
 }
+
+/// Docker refusing to bind a host port that the allocator found free (something took it in
+/// between) makes the host create the container again on fresh ports instead of failing.
+#[tokio::test]
+async fn a_port_taken_between_check_and_bind_is_replaced_by_a_fresh_one() {
+    use host_service::docker::{FakeRuntime, Op, RuntimeError};
+    let t = TestHost::new().await;
+    let fake = FakeRuntime::with_images(["whist/browsers/chrome:current-build"]);
+    fake.fail_next(
+        Op::Start,
+        RuntimeError::Engine {
+            op: Op::Start,
+            target: "mandelbox".into(),
+            status: 500,
+            message: "driver failed programming external connectivity on endpoint x: \
+                      Bind for 0.0.0.0:20001 failed: port is already allocated"
+                .into(),
+        },
+    );
+    let mut config = t.config();
+    // The fake container never exits by itself: the drain at the end stops it.
+    config.drain_deadline = Duration::from_millis(100);
+    let signals = Signals::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(host_service::run_with(
+        config,
+        t.identity.clone(),
+        fake.clone(),
+        signals.clone(),
+        move |host| {
+            let _ = tx.send(host);
+        },
+    ));
+    let host = rx.await.unwrap();
+    let id = t.allocate("erin").await;
+    let client = tokio::spawn({
+        let host = host.clone();
+        async move { host.json_transport(request(id, "erin", "{}")).await }
+    });
+    // Play the mandelbox: once the host has written its config, say the app is ready.
+    let mappings = t
+        .root
+        .path()
+        .join(id.to_string())
+        .join("mandelboxResourceMappings");
+    t.until(".configReady", || async {
+        mappings.join(".configReady").exists()
+    })
+    .await;
+    std::fs::write(mappings.join("done_sleeping_until_X_clients"), "done").unwrap();
+    let answer = client.await.unwrap().unwrap();
+
+    assert_eq!(
+        fake.calls(Op::Create),
+        2,
+        "created again after the refused start"
+    );
+    let containers = fake.containers();
+    assert_eq!(containers.len(), 1, "the refused container was removed");
+    let running: BTreeSet<u16> = containers[0].spec.ports.values().copied().collect();
+    let answered: BTreeSet<u16> = answer.host_ports.values().copied().collect();
+    assert_eq!(
+        running, answered,
+        "the client gets the ports actually published"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mappings.join("hostPort_for_my_32262_tcp")).unwrap(),
+        answer.host_ports[&32262].to_string(),
+        "the mandelbox is told the new port"
+    );
+    assert_eq!(
+        host.resources_held().0,
+        4,
+        "the refused ports were given back"
+    );
+    signals.drain.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -309,4 +309,36 @@ mod tests {
         assert!(parse_port_range("5-5").is_err());
         assert!(parse_port_range("x").is_err());
     }
+
+    proptest::proptest! {
+        /// Any value in any flag gives a configuration or an error, never a panic; a valid
+        /// configuration keeps its invariants.
+        #[test]
+        fn arbitrary_flag_values_never_panic(
+            env in proptest::prop_oneof![
+                proptest::strategy::Just("localdev".to_owned()),
+                proptest::strategy::Just("prod".to_owned()),
+                "\\PC{0,12}",
+            ],
+            duration in "\\PC{0,12}",
+            range in "\\PC{0,14}",
+            cpus in "\\PC{0,8}",
+            url in "\\PC{0,30}",
+        ) {
+            let argv = [
+                "whist-host-service", "--app-env", &env, "--graphql-url", &url,
+                "--admin-secret", "s", "--drain-deadline", &duration,
+                "--port-range", &range, "--mandelbox-cpus", &cpus,
+            ];
+            if let Ok(args) = Args::try_parse_from(argv)
+                && let Ok(config) = args.validate()
+            {
+                proptest::prop_assert!(!config.port_range.is_empty());
+                proptest::prop_assert!(config.mandelbox_nano_cpus >= 10_000_000);
+                if !config.app_env.is_local() {
+                    proptest::prop_assert!(config.db.is_some());
+                }
+            }
+        }
+    }
 }

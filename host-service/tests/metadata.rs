@@ -138,3 +138,41 @@ async fn a_silent_endpoint_fails_within_the_timeouts() -> anyhow::Result<()> {
     hold.abort();
     Ok(())
 }
+
+/// Hostile IMDS answers (any text in any field) give an identity or a clear error, never a
+/// panic, and an identity only when every required field is a valid value.
+#[tokio::test]
+async fn hostile_imds_answers_are_errors_not_panics() {
+    use proptest::strategy::{Strategy, ValueTree};
+    use proptest::test_runner::TestRunner;
+    let strings = proptest::prop_oneof![
+        proptest::strategy::Just(String::new()),
+        "[ -~]{0,80}",
+        "\\PC{0,40}",
+        "i-[0-9a-f]{17}",
+    ];
+    let mut runner = TestRunner::deterministic();
+    let imds = FakeImds::spawn(Identity::local("i-0abc", "us-east-1"))
+        .await
+        .unwrap();
+    let client = ImdsMetadata::new(Some(&imds.endpoint())).unwrap();
+    for _ in 0..64 {
+        let values: Vec<String> = (0..4)
+            .map(|_| strings.new_tree(&mut runner).unwrap().current())
+            .collect();
+        let mut identity = Identity::local("i-0abc", "us-east-1");
+        identity.instance_id = values[0].clone();
+        identity.ami_id = values[1].clone();
+        identity.region = values[2].clone();
+        identity.instance_type = values[3].clone();
+        imds.set_identity(identity);
+        match client.identity().await {
+            Ok(found) => {
+                assert_eq!(found.instance_id.as_str(), values[0].trim());
+                assert_eq!(found.region.as_str(), values[2].trim());
+            }
+            Err(error) => assert!(!error.to_string().is_empty()),
+        }
+    }
+    imds.stop().await;
+}

@@ -25,6 +25,7 @@ pub mod config;
 pub mod docker;
 pub mod gpus;
 pub mod host;
+pub mod json_transport;
 pub mod mandelbox;
 pub mod mappings;
 pub mod metadata;

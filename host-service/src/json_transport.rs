@@ -1,0 +1,241 @@
+//! Parsing of the client's `PUT /json_transport` body (reference §2.2 and §12): strict about
+//! what the host uses, tolerant of what it does not (unknown fields are ignored, as in the
+//! original), and every refusal names the field. The HTTPS endpoint (TLS, JWT) is built on this.
+//!
+//! `json_data` arrives as stringified JSON, or (later clients) zlib-compressed and base64-encoded;
+//! it is inflated with a hard size limit, so a small body cannot expand into gigabytes.
+
+use std::io::Read as _;
+
+use base64::Engine as _;
+use dbclient::types::MandelboxId;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Largest request body accepted. `json_data` holds a few settings; browser data import
+/// (cookies, bookmarks) made the original's bodies grow to hundreds of KiB.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest `json_data` after inflating a compressed one.
+pub const MAX_JSON_DATA_BYTES: usize = 256 * 1024;
+
+/// Why a body was refused: the field at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct RequestError {
+    /// The JSON field (or `body`).
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn refuse(field: &'static str, reason: impl Into<String>) -> RequestError {
+    RequestError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonTransportRequest {
+    pub mandelbox_id: MandelboxId,
+    /// The client's settings, a JSON object serialized back to text (what `config.json` holds).
+    pub json_data: String,
+    /// The Auth0 token from the body, for clients that send it there rather than in
+    /// `Authorization: Bearer` (the original's only way).
+    pub body_token: Option<String>,
+    /// The app to run; honoured only in local development, as in the original.
+    pub app_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    mandelbox_id: Option<Value>,
+    json_data: Option<Value>,
+    jwt_access_token: Option<Value>,
+    app_name: Option<Value>,
+}
+
+/// Parses a body. Refuses oversize bodies, non-objects, a missing or malformed `mandelbox_id`,
+/// and a `json_data` that is not (possibly compressed) JSON text of an object.
+pub fn parse(body: &[u8]) -> Result<JsonTransportRequest, RequestError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(refuse(
+            "body",
+            format!("{} bytes, more than {MAX_BODY_BYTES}", body.len()),
+        ));
+    }
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| refuse("body", format!("not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(refuse("body", "not a JSON object"));
+    }
+    let body: Body = serde_json::from_value(value)
+        .map_err(|e| refuse("body", format!("unexpected shape: {e}")))?;
+
+    let mandelbox_id = match body.mandelbox_id {
+        Some(Value::String(text)) => text
+            .parse::<MandelboxId>()
+            .map_err(|_| refuse("mandelbox_id", "not a UUID"))?,
+        Some(_) => return Err(refuse("mandelbox_id", "not a string")),
+        None => return Err(refuse("mandelbox_id", "missing")),
+    };
+    let json_data = match body.json_data {
+        Some(Value::String(text)) => settings(&text)?,
+        Some(_) => return Err(refuse("json_data", "not a string of JSON")),
+        None => return Err(refuse("json_data", "missing")),
+    };
+    let optional_string = |value: Option<Value>, field| match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(refuse(field, "not a string")),
+    };
+    Ok(JsonTransportRequest {
+        mandelbox_id,
+        json_data,
+        body_token: optional_string(body.jwt_access_token, "jwt_access_token")?,
+        app_name: optional_string(body.app_name, "app_name")?,
+    })
+}
+
+/// `json_data` as a JSON object's text: plain, or base64 of zlib-compressed JSON.
+fn settings(text: &str) -> Result<String, RequestError> {
+    let plain = match serde_json::from_str::<Value>(text) {
+        Ok(value) => value,
+        Err(_) => inflate(text)?,
+    };
+    if !plain.is_object() {
+        return Err(refuse("json_data", "not a JSON object"));
+    }
+    Ok(plain.to_string())
+}
+
+fn inflate(text: &str) -> Result<Value, RequestError> {
+    let compressed = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .map_err(|_| {
+            refuse(
+                "json_data",
+                "neither JSON nor base64 of zlib-compressed JSON",
+            )
+        })?;
+    let mut inflated = Vec::new();
+    flate2::read::ZlibDecoder::new(compressed.as_slice())
+        .take(MAX_JSON_DATA_BYTES as u64 + 1)
+        .read_to_end(&mut inflated)
+        .map_err(|e| refuse("json_data", format!("cannot inflate: {e}")))?;
+    if inflated.len() > MAX_JSON_DATA_BYTES {
+        return Err(refuse(
+            "json_data",
+            format!("more than {MAX_JSON_DATA_BYTES} bytes once inflated"),
+        ));
+    }
+    serde_json::from_slice(&inflated)
+        .map_err(|e| refuse("json_data", format!("inflated text is not JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    const ID: &str = "5ccdb471-8ab2-4441-a3d1-f7f7146dda0c";
+
+    fn compressed(json: &str) -> String {
+        let mut encoder =
+            flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(json.as_bytes()).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(encoder.finish().unwrap())
+    }
+
+    fn body(value: Value) -> Vec<u8> {
+        value.to_string().into_bytes()
+    }
+
+    #[test]
+    fn plain_and_compressed_settings_parse_to_the_same_request() {
+        let plain = parse(&body(json!({
+            "mandelbox_id": ID, "json_data": "{\"dpi\":192}", "jwt_access_token": "t",
+            "unknown_field": [1, 2]
+        })))
+        .unwrap();
+        let packed = parse(&body(json!({
+            "mandelbox_id": ID, "json_data": compressed("{\"dpi\":192}"), "jwt_access_token": "t"
+        })))
+        .unwrap();
+        assert_eq!(plain, packed);
+        assert_eq!(plain.json_data, "{\"dpi\":192}");
+        assert_eq!(plain.body_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        for (value, field) in [
+            (json!([1]), "body"),
+            (json!({"json_data": "{}"}), "mandelbox_id"),
+            (
+                json!({"mandelbox_id": "nope", "json_data": "{}"}),
+                "mandelbox_id",
+            ),
+            (
+                json!({"mandelbox_id": 7, "json_data": "{}"}),
+                "mandelbox_id",
+            ),
+            (json!({"mandelbox_id": ID}), "json_data"),
+            (
+                json!({"mandelbox_id": ID, "json_data": {"dpi": 1}}),
+                "json_data",
+            ),
+            (json!({"mandelbox_id": ID, "json_data": "[1]"}), "json_data"),
+            (
+                json!({"mandelbox_id": ID, "json_data": "not json"}),
+                "json_data",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "jwt_access_token": 5}),
+                "jwt_access_token",
+            ),
+        ] {
+            let error = parse(&body(value.clone())).unwrap_err();
+            assert_eq!(error.field, field, "{value}: {error}");
+        }
+        assert_eq!(parse(b"{").unwrap_err().field, "body");
+    }
+
+    #[test]
+    fn a_zip_bomb_is_refused() {
+        let bomb = compressed(&format!(
+            "{{\"x\":\"{}\"}}",
+            "a".repeat(4 * MAX_JSON_DATA_BYTES)
+        ));
+        assert!(bomb.len() < MAX_BODY_BYTES / 100, "small on the wire");
+        let error = parse(&body(json!({"mandelbox_id": ID, "json_data": bomb}))).unwrap_err();
+        assert_eq!(error.field, "json_data");
+        assert!(error.reason.contains("inflated"), "{error}");
+    }
+
+    #[test]
+    fn an_oversize_body_is_refused_before_parsing() {
+        let huge = vec![b' '; MAX_BODY_BYTES + 1];
+        assert_eq!(parse(&huge).unwrap_err().field, "body");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_data_is_refused_or_an_object(data in "\\PC{0,64}") {
+            let result = parse(&body(json!({"mandelbox_id": ID, "json_data": data})));
+            if let Ok(request) = result {
+                let parsed: Value = serde_json::from_str(&request.json_data).unwrap();
+                prop_assert!(parsed.is_object());
+            }
+        }
+    }
+}

@@ -839,3 +839,73 @@ async fn a_port_taken_between_check_and_bind_is_replaced_by_a_fresh_one() {
     signals.drain.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// The Docker event stream breaks (as when the daemon restarts) and the mandelbox exits while
+/// no stream is open: its `die` event is lost, yet the host reopens the stream (retrying a failed
+/// reopen) and its check of every tracked container finds the exit and tears the mandelbox down.
+#[tokio::test]
+async fn an_exit_missed_while_the_event_stream_was_down_is_still_handled() {
+    use host_service::docker::{FakeRuntime, Op, RuntimeError};
+    let t = TestHost::new().await;
+    let fake = FakeRuntime::with_images(["whist/browsers/chrome:current-build"]);
+    let signals = Signals::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(host_service::run_with(
+        t.config(),
+        t.identity.clone(),
+        fake.clone(),
+        signals.clone(),
+        move |host| {
+            let _ = tx.send(host);
+        },
+    ));
+    let host = rx.await.unwrap();
+    let id = t.allocate("frank").await;
+    let client = tokio::spawn({
+        let host = host.clone();
+        async move { host.json_transport(request(id, "frank", "{}")).await }
+    });
+    let mappings = t
+        .root
+        .path()
+        .join(id.to_string())
+        .join("mandelboxResourceMappings");
+    t.until(".configReady", || async {
+        mappings.join(".configReady").exists()
+    })
+    .await;
+    std::fs::write(mappings.join("done_sleeping_until_X_clients"), "done").unwrap();
+    client.await.unwrap().unwrap();
+    let container = fake.containers()[0].id.clone();
+
+    let subscriptions_before = fake.calls(Op::Events);
+    fake.fail_next(
+        Op::Events,
+        RuntimeError::Transport {
+            op: Op::Events,
+            target: String::new(),
+            socket: "fake".into(),
+            message: "daemon restarting".into(),
+        },
+    );
+    fake.disconnect_events();
+    assert!(fake.exit(&container, 0), "the container was running");
+    assert_eq!(
+        fake.event_subscribers(),
+        0,
+        "the exit happened with no stream open"
+    );
+
+    t.until("the mandelbox to be torn down", || async {
+        host.live_mandelboxes() == 0 && t.rows().await.is_empty()
+    })
+    .await;
+    assert!(fake.containers().is_empty(), "the container was removed");
+    assert_eq!(host.resources_held(), (0, 0, 0));
+    t.until("the failed reopen to be retried", || async {
+        fake.calls(Op::Events) >= subscriptions_before + 2 && fake.event_subscribers() == 1
+    })
+    .await;
+    signals.drain.cancel();
+    task.await.unwrap().unwrap();
+}

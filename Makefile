@@ -23,7 +23,7 @@ OPTIONAL_APT_PACKAGES := packer
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: help setup setup-system setup-python setup-image build run test check check-artifacts fmt clippy bench schema \
-        run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb
+        run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb run_scaling_service_simulation
 
 help:
 	@echo "make run     start the local stack (PostgreSQL, GraphQL, moto, fake IMDS); Ctrl-C stops it"
@@ -108,6 +108,9 @@ bench: setup
 	$(CARGO) build -q --release -p host-service --bin whist-host-service
 	$(CARGO) bench -q -p dbclient --bench subscription_delay
 	$(CARGO) bench -q -p host-service --bench spinup
+	$(CARGO) bench -q -p host-service --bench json_transport
+	$(CARGO) bench -q -p scaling-service --bench decision
+	$(CARGO) bench -q -p scaling-service --bench assign
 
 schema:
 	$(CARGO) run -q -p devstack --bin whist-devstack -- print-schema > schema.graphql.new
@@ -132,3 +135,7 @@ run_scaling_service_localdevwithdb:
 	. .devstack/env && APP_ENV=localdevwithdb $(CARGO) run -p scaling-service --bin whist-scaling-service
 
 run_scaling_service: run_scaling_service_localdevwithdb
+
+# The default algorithm against the sample demand trace: plot.svg and summary.txt in .simulation/.
+run_scaling_service_simulation:
+	$(CARGO) run -q -p scaling-service --bin whist-scaling-service -- simulate --trace scaling-service/simulation/demand.csv --out .simulation

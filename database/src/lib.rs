@@ -38,11 +38,23 @@ impl Migration {
 }
 
 /// Every migration, in order. A test checks that this list matches `database/migrations/`.
-pub static MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "whist_schema",
-    sql: include_str!("../migrations/0001_whist_schema.sql"),
-}];
+pub static MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "whist_schema",
+        sql: include_str!("../migrations/0001_whist_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "instance_tls_fingerprint",
+        sql: include_str!("../migrations/0002_instance_tls_fingerprint.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "scaling_lease",
+        sql: include_str!("../migrations/0003_scaling_lease.sql"),
+    },
+];
 
 /// The Hasura metadata (the `args` of a `replace_metadata` call) that tracks the `whist` tables
 /// and their relationships. devstack's GraphQL stand-in reads the same file.

@@ -159,7 +159,8 @@ mod tests {
                 "remaining_capacity",
                 "status",
                 "created_at",
-                "updated_at"
+                "updated_at",
+                "tls_fingerprint"
             ]
         );
         assert_eq!(

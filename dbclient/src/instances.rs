@@ -50,6 +50,7 @@ instance_operation!(SetInstanceStatus, "crate::graphql::Affected");
 instance_operation!(Heartbeat, "crate::graphql::Affected");
 instance_operation!(AddInstanceCapacity, "crate::graphql::Affected");
 instance_operation!(DeleteInstance, "crate::graphql::InstanceKey");
+instance_operation!(SetInstanceTlsFingerprint, "crate::graphql::Affected");
 
 /// `skip_serializing_none`: a column left out of the insert input gets its database default
 /// (an explicit `null` would fail `NOT NULL` on the timestamps).
@@ -244,6 +245,21 @@ impl DbClient {
         };
         let response = self.execute::<SetInstanceStatus>(variables).await?;
         affected("SetInstanceStatus", response.update_whist_instances)
+    }
+
+    /// Publishes the host's json_transport certificate fingerprint (64 lowercase hex digits;
+    /// the column's CHECK refuses anything else). Whether the instance exists.
+    pub async fn set_instance_tls_fingerprint(
+        &self,
+        id: &InstanceId,
+        fingerprint: &str,
+    ) -> Result<bool, DbError> {
+        let variables = set_instance_tls_fingerprint::Variables {
+            id: id.to_string(),
+            fingerprint: fingerprint.to_owned(),
+        };
+        let response = self.execute::<SetInstanceTlsFingerprint>(variables).await?;
+        affected("SetInstanceTlsFingerprint", response.update_whist_instances)
     }
 
     /// Touches `updated_at` (set to the database's clock by the row trigger). Whether the

@@ -59,6 +59,7 @@ pub mod error;
 pub mod graphql;
 pub mod images;
 pub mod instances;
+pub mod leases;
 pub mod mandelboxes;
 pub mod subscriptions;
 mod tls;

@@ -387,6 +387,10 @@ pub struct Instance {
     pub created_at: DateTime<Utc>,
     /// Touched by every update (a trigger) and by [`crate::DbClient::heartbeat`].
     pub updated_at: DateTime<Utc>,
+    /// SHA-256 of the host's json_transport certificate (64 lowercase hex digits), published
+    /// by the host right after it registers; `None` until then. Clients pin it.
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
 }
 
 /// An instance with its mandelboxes (Hasura's `mandelboxes` array relationship), oldest first.

@@ -5,10 +5,13 @@
 //! - a Hasura-compatible GraphQL endpoint over it ([`hasura`]): queries and mutations over HTTP,
 //!   live-query subscriptions over WebSocket (`graphql-transport-ws` and legacy `graphql-ws`);
 //! - moto's server as the EC2 and S3 API ([`moto`]);
-//! - a fake IMDSv2 with a settable identity per host process ([`imds`]).
+//! - a fake IMDSv2 with a settable identity per host process ([`imds`]);
+//! - a fake token issuer (Auth0's JWKS and RS256 tokens with chosen claims) for tests of the
+//!   host's json_transport endpoint ([`jwks`]).
 
 pub mod hasura;
 pub mod imds;
+pub mod jwks;
 pub mod moto;
 pub mod postgres;
 pub mod stack;

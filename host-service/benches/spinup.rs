@@ -84,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
         c.root_dir = root.path().to_owned();
         c.gpu_override = Some(6);
         c.ops_addr = "127.0.0.1:0".parse()?;
+        c.json_transport_addr = "127.0.0.1:0".parse()?;
         c.port_range = 30000..30400;
         c.stop_grace = Duration::from_secs(1);
         c.drain_deadline = Duration::from_millis(100);

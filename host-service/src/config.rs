@@ -82,6 +82,26 @@ pub struct Args {
     /// Address of the operations endpoint (`/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WHIST_OPS_ADDR", default_value = "127.0.0.1:4679")]
     pub ops_addr: SocketAddr,
+    /// Address of the client-facing HTTPS endpoint (`PUT /json_transport`, `GET /healthz`).
+    #[arg(
+        long,
+        env = "WHIST_JSON_TRANSPORT_ADDR",
+        default_value = "0.0.0.0:4678"
+    )]
+    pub json_transport_addr: SocketAddr,
+    /// Issuer (`iss`) of the users' access tokens; its JWKS verifies them. Default: the
+    /// environment's Auth0 tenant; in local development none, which turns authentication off.
+    #[arg(long, env = "WHIST_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Audience (`aud`) the users' access tokens must name.
+    #[arg(long, env = "WHIST_AUTH_AUDIENCE", default_value = DEFAULT_AUTH_AUDIENCE)]
+    pub auth_audience: String,
+    /// Where the issuer's signing keys are. Default: `<issuer>.well-known/jwks.json`.
+    #[arg(long, env = "WHIST_AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<String>,
+    /// Clock skew allowed on a token's `exp` and `nbf` (at most 5m).
+    #[arg(long, env = "WHIST_AUTH_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub auth_leeway: Duration,
     /// AppArmor profile for mandelboxes, applied when the host has AppArmor and it is loaded.
     #[arg(
         long,
@@ -120,6 +140,9 @@ pub struct Config {
     pub stop_grace: Duration,
     pub poweroff: bool,
     pub ops_addr: SocketAddr,
+    pub json_transport_addr: SocketAddr,
+    /// How json_transport requests are authenticated; `None` (local development only): not at all.
+    pub auth: Option<crate::json_transport::AuthConfig>,
     pub apparmor_profile: String,
     pub container_init: bool,
     pub commit: String,
@@ -143,6 +166,30 @@ pub enum ConfigError {
     Cpus(f64),
     #[error("the port range {0:?} is too small for one mandelbox")]
     PortRangeTooSmall(Range<u16>),
+    #[error("{what} {url:?} is not a valid URL")]
+    AuthUrl { what: &'static str, url: String },
+    #[error("{0} needs https:// token issuer and JWKS URLs")]
+    InsecureAuthUrl(AppEnv),
+    #[error("--auth-leeway must be at most {max:?}, not {leeway:?}")]
+    AuthLeeway { leeway: Duration, max: Duration },
+    #[error("--auth-audience must not be empty")]
+    EmptyAudience,
+}
+
+/// The audience of Whist's Auth0 access tokens (reference §2.2).
+pub const DEFAULT_AUTH_AUDIENCE: &str = "https://api.fractal.co";
+/// A "small" leeway: larger would keep expired tokens useful for longer than clock skew needs.
+const MAX_AUTH_LEEWAY: Duration = Duration::from_secs(300);
+
+/// The environment's Auth0 tenant (reference §2.2); none locally, where authentication is off
+/// unless an issuer is given.
+pub fn default_auth_issuer(env: AppEnv) -> Option<&'static str> {
+    match env {
+        AppEnv::LocalDev | AppEnv::LocalDevWithDb => None,
+        AppEnv::Dev => Some("https://fractal-dev.us.auth0.com/"),
+        AppEnv::Staging => Some("https://fractal-staging.us.auth0.com/"),
+        AppEnv::Prod => Some("https://auth.whist.com/"),
+    }
 }
 
 impl Args {
@@ -176,6 +223,7 @@ impl Args {
         if self.port_range.len() < crate::ports::MANDELBOX_PORTS.len() {
             return Err(ConfigError::PortRangeTooSmall(self.port_range));
         }
+        let auth = self.auth_config(env)?;
         Ok(Config {
             app_env: env,
             db,
@@ -197,10 +245,70 @@ impl Args {
             stop_grace: self.stop_grace,
             poweroff: self.poweroff,
             ops_addr: self.ops_addr,
+            json_transport_addr: self.json_transport_addr,
+            auth,
             apparmor_profile: self.apparmor_profile,
             container_init: self.container_init.unwrap_or(env.is_local()),
             commit: BUILD_COMMIT.to_owned(),
         })
+    }
+}
+
+impl Args {
+    /// Authentication of json_transport: on everywhere but in local development without an
+    /// issuer; https only outside local development.
+    fn auth_config(
+        &self,
+        env: AppEnv,
+    ) -> Result<Option<crate::json_transport::AuthConfig>, ConfigError> {
+        let Some(issuer) = self
+            .auth_issuer
+            .clone()
+            .or_else(|| default_auth_issuer(env).map(str::to_owned))
+        else {
+            return Ok(None);
+        };
+        let bad = |what, url: &str| ConfigError::AuthUrl {
+            what,
+            url: url.to_owned(),
+        };
+        let issuer_url = url::Url::parse(&issuer).map_err(|_| bad("the token issuer", &issuer))?;
+        let jwks_url = match &self.auth_jwks_url {
+            Some(url) => url::Url::parse(url).map_err(|_| bad("the JWKS URL", url))?,
+            None => {
+                // `join` replaces the last segment of a base without a trailing slash.
+                let mut base = issuer_url.clone();
+                if !base.path().ends_with('/') {
+                    base.set_path(&format!("{}/", base.path()));
+                }
+                base.join(".well-known/jwks.json")
+                    .map_err(|_| bad("the token issuer", &issuer))?
+            }
+        };
+        for url in [&issuer_url, &jwks_url] {
+            if !matches!(url.scheme(), "https" | "http") {
+                return Err(bad("the token issuer or JWKS URL", url.as_str()));
+            }
+            if !env.is_local() && url.scheme() != "https" {
+                return Err(ConfigError::InsecureAuthUrl(env));
+            }
+        }
+        if self.auth_audience.trim().is_empty() {
+            return Err(ConfigError::EmptyAudience);
+        }
+        if self.auth_leeway > MAX_AUTH_LEEWAY {
+            return Err(ConfigError::AuthLeeway {
+                leeway: self.auth_leeway,
+                max: MAX_AUTH_LEEWAY,
+            });
+        }
+        Ok(Some(crate::json_transport::AuthConfig {
+            issuer,
+            audience: self.auth_audience.clone(),
+            jwks_url,
+            leeway: self.auth_leeway,
+            min_refresh_interval: crate::json_transport::auth::DEFAULT_MIN_REFRESH_INTERVAL,
+        }))
     }
 }
 
@@ -292,6 +400,60 @@ mod tests {
             !format!("{c:?}").contains("s3cret"),
             "secret leaked into Debug"
         );
+    }
+
+    #[test]
+    fn authentication_is_on_outside_local_development() {
+        let c = args(&["--app-env", "localdev"]).unwrap();
+        assert!(c.auth.is_none(), "no authentication locally by default");
+        assert_eq!(c.json_transport_addr, "0.0.0.0:4678".parse().unwrap());
+        let prod = [
+            "--app-env",
+            "prod",
+            "--graphql-url",
+            "https://h/v1/graphql",
+            "--admin-secret",
+            "s",
+        ];
+        let c = args(&prod).unwrap();
+        let auth = c.auth.unwrap();
+        assert_eq!(auth.issuer, "https://auth.whist.com/");
+        assert_eq!(auth.audience, "https://api.fractal.co");
+        assert_eq!(
+            auth.jwks_url.as_str(),
+            "https://auth.whist.com/.well-known/jwks.json"
+        );
+        let mut insecure = prod.to_vec();
+        insecure.extend(["--auth-issuer", "http://issuer.example/"]);
+        let e = args(&insecure).unwrap_err();
+        assert!(e.contains("https"), "{e}");
+        let c = args(&[
+            "--app-env",
+            "localdev",
+            "--auth-issuer",
+            "http://127.0.0.1:9/tenant",
+            "--auth-leeway",
+            "5s",
+        ])
+        .unwrap();
+        let auth = c.auth.unwrap();
+        assert_eq!(
+            auth.jwks_url.as_str(),
+            "http://127.0.0.1:9/tenant/.well-known/jwks.json"
+        );
+        assert_eq!(auth.leeway, Duration::from_secs(5));
+        let e = args(&["--app-env", "localdev", "--auth-issuer", "not a url"]).unwrap_err();
+        assert!(e.contains("issuer"), "{e}");
+        let e = args(&[
+            "--app-env",
+            "localdev",
+            "--auth-issuer",
+            "http://i/",
+            "--auth-leeway",
+            "1h",
+        ])
+        .unwrap_err();
+        assert!(e.contains("leeway"), "{e}");
     }
 
     #[test]

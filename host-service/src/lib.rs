@@ -19,7 +19,7 @@
 //! [`ttys`], [`gpus`], [`resources`] (the allocators), [`uinput`] (input devices), [`mappings`]
 //! (files shared with a mandelbox), [`pairing`] (json_transport), [`mandelbox`] (one mandelbox's
 //! life), [`host`] (what they share and the loops), [`registration`], [`reconcile`], [`ops`]
-//! (metrics, health).
+//! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint).
 
 pub mod config;
 pub mod docker;
@@ -113,6 +113,8 @@ pub enum HostError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("json_transport endpoint: {0}")]
+    JsonTransport(#[from] json_transport::JsonTransportError),
     #[error("cannot serve the operations endpoint on {addr}: {source}")]
     Ops {
         addr: std::net::SocketAddr,
@@ -170,6 +172,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         })?;
     ports.reserve(ports::Protocol::Tcp, JSON_TRANSPORT_PORT);
     ports.reserve(ports::Protocol::Tcp, config.ops_addr.port());
+    ports.reserve(ports::Protocol::Tcp, config.json_transport_addr.port());
     let resources = resources::Resources::new(
         ports,
         ttys::TtyAllocator::new(ttys::DEFAULT_RANGE),
@@ -195,6 +198,9 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         readiness.clone(),
         background.clone(),
     ));
+    // The HTTPS endpoint is bound (and its certificate made) before registration, so a taken
+    // port stops the service before it claims its row; it serves once the host exists.
+    let json_transport = json_transport::Listening::bind(&config, &identity).await?;
     let db = config.db.as_ref().map(DbClient::new).transpose()?;
     let mut draining_at_start = false;
     if let Some(db) = &db {
@@ -250,6 +256,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         }
         return Ok(Stopped::DrainingAtStart);
     }
+    json_transport.start(&host, background.clone());
     tasks.spawn(host.clone().follow_docker_events(background.clone()));
 
     reconcile::reconcile(&host).await?;

@@ -262,6 +262,7 @@ fn base_config(stack: &TestStack, root: &Path) -> Config {
     config.root_dir = root.to_owned();
     config.gpu_override = Some(6);
     config.ops_addr = "127.0.0.1:0".parse().unwrap();
+    config.json_transport_addr = "127.0.0.1:0".parse().unwrap();
     config.json_transport_timeout = Duration::from_secs(30);
     config.ready_timeout = Duration::from_secs(30);
     config.stop_grace = Duration::from_secs(2);
@@ -596,6 +597,7 @@ impl Binary {
                 format!("{}-{}", t.port_range.start, t.port_range.end),
             )
             .env("WHIST_OPS_ADDR", format!("127.0.0.1:{}", self.ops_port))
+            .env("WHIST_JSON_TRANSPORT_ADDR", "127.0.0.1:0")
             .env("WHIST_STOP_GRACE", "2s")
             .env("WHIST_DRAIN_DEADLINE", drain_deadline)
             .env("WHIST_LOG", "info")

@@ -2,7 +2,7 @@
 //! [`Config`] and logged at start with secrets redacted.
 
 use clap::Parser;
-use dbclient::types::Region;
+use dbclient::types::{ImageId, Region};
 use logger::{AppEnv, LogArgs, Secret};
 
 /// The git commit this binary was built from (`WHIST_COMMIT` at build time).
@@ -35,8 +35,55 @@ pub struct Args {
         default_value = "us-east-1"
     )]
     pub regions: Vec<String>,
+    /// Free mandelboxes to keep ready in each region.
+    #[arg(long, env = "DESIRED_FREE_MANDELBOXES", default_value_t = 2)]
+    pub desired_free_mandelboxes: u32,
+    /// Most instances in one region.
+    #[arg(long, env = "WHIST_MAX_INSTANCES_PER_REGION", default_value_t = 20)]
+    pub max_instances_per_region: u32,
+    /// The instance type launched.
+    #[arg(long, env = "WHIST_INSTANCE_TYPE", default_value = "g4dn.2xlarge")]
+    pub instance_type: String,
+    /// The host image each region should run, `region=ami-...` comma-separated (the deploy's
+    /// images.json). A region whose image row differs is upgraded.
+    #[arg(long, env = "WHIST_IMAGES", value_delimiter = ',')]
+    pub images: Vec<String>,
+    /// Seconds between two scheduled looks at every region (the first is at start).
+    #[arg(long, env = "WHIST_SCHEDULER_INTERVAL_SECS", default_value_t = 60)]
+    pub scheduler_interval_secs: u64,
+    /// Port of the HTTP API (`/mandelbox/assign`, `/metrics`, `/healthz`, `/readyz`); 0 picks one.
+    #[arg(long, env = "PORT", default_value_t = 7730)]
+    pub port: u16,
+    /// JWKS of the token issuer (Auth0); required outside local development.
+    #[arg(long, env = "AUTH0_JWKS_URL")]
+    pub auth_jwks_url: Option<url::Url>,
+    #[arg(long, env = "AUTH0_AUDIENCE")]
+    pub auth_audience: Option<String>,
+    #[arg(long, env = "AUTH0_ISSUER")]
+    pub auth_issuer: Option<String>,
+    /// Mandelboxes one user may hold at once.
+    #[arg(long, env = "MANDELBOX_LIMIT_PER_USER", default_value_t = 3)]
+    pub mandelboxes_per_user: usize,
+    /// Assign requests per second over all clients (token bucket refill).
+    #[arg(long, env = "WHIST_ASSIGN_RATE", default_value_t = 10.0)]
+    pub assign_rate: f64,
+    /// Assign requests accepted in a burst.
+    #[arg(long, env = "WHIST_ASSIGN_BURST", default_value_t = 50)]
+    pub assign_burst: u32,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// How assign requests are authenticated.
+#[derive(Debug, Clone)]
+pub enum AuthConfig {
+    Jwks {
+        jwks_url: url::Url,
+        audience: String,
+        issuer: String,
+    },
+    /// `user:<id>` tokens: local development only.
+    LocalTestTokens,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +92,17 @@ pub struct Config {
     pub db: dbclient::DbConfig,
     pub regions: Vec<Region>,
     pub commit: String,
+    pub desired_free_mandelboxes: u32,
+    pub max_instances_per_region: u32,
+    pub instance_type: String,
+    /// The image each region should run.
+    pub images: std::collections::BTreeMap<Region, ImageId>,
+    pub scheduler_interval: std::time::Duration,
+    pub port: u16,
+    pub auth: AuthConfig,
+    pub mandelboxes_per_user: usize,
+    pub assign_rate: f64,
+    pub assign_burst: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +117,12 @@ pub enum ConfigError {
     Region { region: String, reason: String },
     #[error("no region configured (WHIST_REGIONS)")]
     NoRegions,
+    #[error("invalid image entry {entry:?} (WHIST_IMAGES): {reason}")]
+    Image { entry: String, reason: String },
+    #[error("the scheduler interval must be at least one second")]
+    SchedulerInterval,
+    #[error("{0} needs AUTH0_JWKS_URL, AUTH0_AUDIENCE and AUTH0_ISSUER")]
+    MissingAuth(AppEnv),
 }
 
 impl Args {
@@ -91,11 +155,51 @@ impl Args {
         if regions.is_empty() {
             return Err(ConfigError::NoRegions);
         }
+        let mut images = std::collections::BTreeMap::new();
+        for entry in self
+            .images
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+        {
+            let bad = |reason: &str| ConfigError::Image {
+                entry: entry.to_owned(),
+                reason: reason.to_owned(),
+            };
+            let (region, image) = entry
+                .split_once('=')
+                .ok_or_else(|| bad("expected region=ami-id"))?;
+            let region = Region::new(region.trim()).map_err(|e| bad(&e.to_string()))?;
+            let image = ImageId::new(image.trim()).map_err(|e| bad(&e.to_string()))?;
+            images.insert(region, image);
+        }
+        if self.scheduler_interval_secs == 0 {
+            return Err(ConfigError::SchedulerInterval);
+        }
+        let auth = match (self.auth_jwks_url, self.auth_audience, self.auth_issuer) {
+            (Some(jwks_url), Some(audience), Some(issuer)) => AuthConfig::Jwks {
+                jwks_url,
+                audience,
+                issuer,
+            },
+            _ if env.is_local() => AuthConfig::LocalTestTokens,
+            _ => return Err(ConfigError::MissingAuth(env)),
+        };
         Ok(Config {
             app_env: env,
+            port: self.port,
+            auth,
+            mandelboxes_per_user: self.mandelboxes_per_user,
+            assign_rate: self.assign_rate,
+            assign_burst: self.assign_burst,
             db,
             regions,
             commit: BUILD_COMMIT.to_owned(),
+            desired_free_mandelboxes: self.desired_free_mandelboxes,
+            max_instances_per_region: self.max_instances_per_region,
+            instance_type: self.instance_type,
+            images,
+            scheduler_interval: std::time::Duration::from_secs(self.scheduler_interval_secs),
         })
     }
 }
@@ -157,6 +261,12 @@ mod tests {
             "https://h/v1/graphql",
             "--admin-secret",
             "topsecret",
+            "--auth-jwks-url",
+            "https://issuer.example/.well-known/jwks.json",
+            "--auth-audience",
+            "a",
+            "--auth-issuer",
+            "https://issuer.example/",
         ])
         .unwrap();
         assert!(!format!("{c:?}").contains("topsecret"));

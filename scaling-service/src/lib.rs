@@ -1,24 +1,92 @@
-//! whist scaling service (foundation cut): it parses and validates its configuration, connects
-//! to Hasura over HTTP and WebSocket and follows the fleet — images, and instances by status —
-//! logging what it sees. The event handler, scaling algorithms, EC2 host handler and the assign
-//! endpoint come with the scaling-service issue.
+//! whist scaling service: keeps each region's fleet of hosts the right size.
+//!
+//! An event handler turns the database's live queries (instances, images) and a scheduler
+//! into events, routed over bounded channels to one [`region::RegionController`] per region.
+//! Each owns its region's [`algorithm::ScalingAlgorithm`] and handles its events one at a time:
+//! it reads the region from the database, asks the algorithm for a plan, and carries it out
+//! through a [`hosts::HostHandler`] and `dbclient`. `simulate` (see [`simulation`]) runs the
+//! default algorithm offline against a demand trace.
 //!
 //! Reads: `APP_ENV`, `HASURA_GRAPHQL_URL`, `HASURA_ADMIN_SECRET`, `WHIST_REGIONS`, logging
 //! settings (see `--help`). Exit codes: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on bad
 //! configuration.
 
+pub mod algorithm;
+pub mod api;
+pub mod auth;
 pub mod config;
 pub mod hosts;
+pub mod lease;
+pub mod metrics;
+pub mod region;
+pub mod simulation;
 
-use dbclient::types::InstanceStatus;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dbclient::types::Region;
 use dbclient::{DbClient, SubscriptionClient};
 use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::algorithm::{AlgorithmConfig, DefaultAlgorithm, mandelbox_capacity};
+use crate::api::{ApiState, Assigner, RateLimiter};
+use crate::auth::{JwksVerifier, StaticVerifier, TokenVerifier};
+use crate::config::AuthConfig;
+use crate::hosts::HostHandler;
+use crate::hosts::fake::FakeHostHandler;
+use crate::lease::{LeaseKeeper, LeaseSettings};
+use crate::metrics::Metrics;
+use crate::region::{EVENT_QUEUE, Event, RegionController, RegionSettings};
 
 pub use config::Config;
 
-/// Runs until `shutdown` is cancelled.
+/// Runs until `shutdown` is cancelled. Local environments use an in-memory cloud per region
+/// (like the original's localdev fakes); deployed ones need the EC2 host handler, passed in
+/// through [`run_with_hosts`].
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if !config.app_env.is_local() {
+        anyhow::bail!(
+            "{} needs the EC2 host handler: start the service through run_with_hosts",
+            config.app_env
+        );
+    }
+    let hosts = config
+        .regions
+        .iter()
+        .map(|r| {
+            let handler: Arc<dyn HostHandler> = Arc::new(FakeHostHandler::new(r.clone()));
+            (r.clone(), handler)
+        })
+        .collect();
+    run_with_hosts(config, hosts, shutdown).await
+}
+
+/// Runs one controller per configured region over the given host handlers until `shutdown`;
+/// then waits for in-flight launches. Competes for the leader lease under a fresh replica name.
+pub async fn run_with_hosts(
+    config: Config,
+    hosts: HashMap<Region, Arc<dyn HostHandler>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let holder = format!(
+        "{}-{}",
+        std::process::id(),
+        dbclient::types::MandelboxId::random()
+    );
+    run_replica(config, hosts, LeaseSettings::new(holder), shutdown).await
+}
+
+/// [`run_with_hosts`] with explicit lease settings: only while this replica holds the lease do
+/// its controllers act.
+pub async fn run_replica(
+    config: Config,
+    hosts: HashMap<Region, Arc<dyn HostHandler>>,
+    lease: LeaseSettings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let db = DbClient::new(&config.db)?;
     let images = db.images().await?;
     tracing::info!(
@@ -26,36 +94,128 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         url = %config.db.graphql_url(),
         "connected to Hasura"
     );
+    let metrics = Arc::new(Metrics::new()?);
+    let verifier: Arc<dyn TokenVerifier> = match &config.auth {
+        AuthConfig::Jwks {
+            jwks_url,
+            audience,
+            issuer,
+        } => Arc::new(JwksVerifier::new(jwks_url.clone(), audience, issuer)?),
+        AuthConfig::LocalTestTokens => Arc::new(StaticVerifier),
+    };
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.port)).await?;
+    tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+    let regions_stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (keeper, leader) = LeaseKeeper::new(db.clone(), lease);
+    tracker.spawn(keeper.run(regions_stop.clone()));
+    {
+        let mut leader = leader.clone();
+        let gauge = metrics.leader.clone();
+        let stop = regions_stop.clone();
+        tracker.spawn(async move {
+            loop {
+                gauge.set(i64::from(*leader.borrow_and_update()));
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    changed = leader.changed() => if changed.is_err() { break },
+                }
+            }
+        });
+    }
+    let mut region_events: HashMap<Region, mpsc::Sender<Event>> = HashMap::new();
+    let mut senders: Vec<mpsc::Sender<Event>> = Vec::new();
+    for region in &config.regions {
+        let Some(handler) = hosts.get(region).cloned() else {
+            anyhow::bail!("no host handler for region {region}");
+        };
+        let info = handler.instance_type(&config.instance_type).await?;
+        let capacity = mandelbox_capacity(info);
+        if capacity == 0 {
+            anyhow::bail!("instance type {} holds no mandelbox", config.instance_type);
+        }
+        let mut settings = RegionSettings::new(region.clone(), config.commit.clone());
+        settings.instance_type = config.instance_type.clone();
+        settings.capacity_per_instance = capacity;
+        settings.target_image = config.images.get(region).cloned();
+        let algorithm = DefaultAlgorithm::new(AlgorithmConfig {
+            desired_free_mandelboxes: config.desired_free_mandelboxes,
+            max_instances: config.max_instances_per_region,
+            capacity_per_instance: capacity,
+            ..AlgorithmConfig::default()
+        });
+        let controller = RegionController::new(settings, db.clone(), handler, Box::new(algorithm))
+            .with_leader(leader.clone())
+            .with_metrics(metrics.clone());
+        metrics
+            .desired_free_capacity
+            .with_label_values(&[region.as_str()])
+            .set(i64::from(config.desired_free_mandelboxes));
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        region_events.insert(region.clone(), tx.clone());
+        senders.push(tx);
+        tracker.spawn(controller.run(rx, regions_stop.clone()));
+    }
+    let (ready_tx, ready) = watch::channel(false);
+    let api_state = ApiState {
+        assigner: Arc::new(Assigner {
+            db: db.clone(),
+            enabled_regions: config.regions.clone(),
+            mandelboxes_per_user: config.mandelboxes_per_user,
+            allow_local_commit: config.app_env.is_local(),
+            regions: region_events,
+        }),
+        verifier,
+        limiter: Arc::new(RateLimiter::new(config.assign_rate, config.assign_burst)),
+        metrics: metrics.clone(),
+        ready,
+    };
+    let api_stop = CancellationToken::new();
+    tracker.spawn({
+        let stop = api_stop.clone();
+        async move {
+            if let Err(error) = api::serve(listener, api_state, stop).await {
+                tracing::error!(%error, "HTTP API stopped");
+            }
+        }
+    });
+    tracker.close();
+    // Every event only says "look again": a full queue already holds one, so drop the rest.
+    let fan_out = |event: Event| {
+        for tx in &senders {
+            let _ = tx.try_send(event.clone());
+        }
+    };
     let subscriptions = SubscriptionClient::start(&config.db, shutdown.child_token())?;
     let mut instances = subscriptions.instances();
     let mut image_updates = subscriptions.images();
+    let start = tokio::time::Instant::now() + config.scheduler_interval;
+    let mut scheduler = tokio::time::interval_at(start, config.scheduler_interval);
+    scheduler.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
+            _ = scheduler.tick() => fan_out(Event::Tick),
             Some(snapshot) = instances.next() => match snapshot {
-                Ok(instances) => {
-                    for region in &config.regions {
-                        let in_region = instances.iter().filter(|i| &i.instance.region == region);
-                        let count = |s: InstanceStatus| {
-                            in_region.clone().filter(|i| i.instance.status == s).count()
-                        };
-                        tracing::info!(
-                            region = %region,
-                            pre_connection = count(InstanceStatus::PreConnection),
-                            active = count(InstanceStatus::Active),
-                            draining = count(InstanceStatus::Draining),
-                            "fleet"
-                        );
-                    }
+                Ok(_) => {
+                    metrics.subscription_up.set(1);
+                    ready_tx.send_replace(true);
+                    fan_out(Event::Changed);
                 }
-                Err(error) => tracing::warn!(%error, "instances subscription"),
+                Err(error) => {
+                    metrics.subscription_up.set(0);
+                    tracing::warn!(%error, "instances subscription");
+                }
             },
             Some(snapshot) = image_updates.next() => match snapshot {
-                Ok(images) => tracing::info!(images = images.len(), "images"),
+                Ok(_) => fan_out(Event::Changed),
                 Err(error) => tracing::warn!(%error, "images subscription"),
             },
         }
     }
+    api_stop.cancel();
+    regions_stop.cancel();
+    tracker.wait().await;
     subscriptions.shutdown().await;
     Ok(())
 }

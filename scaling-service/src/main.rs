@@ -7,6 +7,10 @@ use scaling_service::config::{Args, BUILD_COMMIT};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    // `simulate` runs offline: none of the service's settings apply to it.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "simulate") {
+        return simulate();
+    }
     let args = Args::parse();
     let log_config = args
         .log
@@ -67,4 +71,26 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("signal received, shutting down");
     shutdown.cancel();
+}
+
+fn simulate() -> ExitCode {
+    use scaling_service::simulation::{SimulateArgs, run_simulation};
+    let args = SimulateArgs::parse_from(std::env::args_os().skip(1));
+    match run_simulation(&args) {
+        Ok(summary) => {
+            println!(
+                "{} minutes, {:.2} host-hours, {} unmet requests, peak {} hosts; wrote {}",
+                summary.minutes,
+                summary.host_hours,
+                summary.unmet_requests,
+                summary.peak_hosts,
+                args.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("whist-scaling-service simulate: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

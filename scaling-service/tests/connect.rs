@@ -15,6 +15,8 @@ fn config(url: &str, secret: &str) -> scaling_service::Config {
         "whist-scaling-service",
         "--app-env",
         "localdevwithdb",
+        "--port",
+        "0",
         "--graphql-url",
         url,
         "--admin-secret",

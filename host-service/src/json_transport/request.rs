@@ -1,9 +1,11 @@
 //! Parsing of the client's `PUT /json_transport` body (reference §2.2 and §12): strict about
 //! what the host uses, tolerant of what it does not (unknown fields are ignored, as in the
-//! original), and every refusal names the field. The HTTPS endpoint (TLS, JWT) is built on this.
+//! original), and every refusal names the field.
 //!
 //! `json_data` arrives as stringified JSON, or (later clients) zlib-compressed and base64-encoded;
-//! it is inflated with a hard size limit, so a small body cannot expand into gigabytes.
+//! it is inflated with a hard size limit, so a small body cannot expand into gigabytes. Either
+//! way it must be the text of a JSON object, and that text is kept as it came (the original wrote
+//! it to `config.json` verbatim), so an identical retry compares equal.
 
 use std::io::Read as _;
 
@@ -15,7 +17,7 @@ use serde_json::Value;
 /// Largest request body accepted. `json_data` holds a few settings; browser data import
 /// (cookies, bookmarks) made the original's bodies grow to hundreds of KiB.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Largest `json_data` after inflating a compressed one.
+/// Largest `json_data` text, plain or once inflated: what `config.json` may hold.
 pub const MAX_JSON_DATA_BYTES: usize = 256 * 1024;
 
 /// Why a body was refused: the field at fault and what is wrong with it.
@@ -35,16 +37,31 @@ fn refuse(field: &'static str, reason: impl Into<String>) -> RequestError {
 }
 
 /// A parsed request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct JsonTransportRequest {
     pub mandelbox_id: MandelboxId,
-    /// The client's settings, a JSON object serialized back to text (what `config.json` holds).
+    /// The client's settings: the text of a JSON object (what `config.json` holds).
     pub json_data: String,
     /// The Auth0 token from the body, for clients that send it there rather than in
     /// `Authorization: Bearer` (the original's only way).
     pub body_token: Option<String>,
-    /// The app to run; honoured only in local development, as in the original.
+    /// The app to run. Parsed for compatibility; the app comes from the mandelbox's row (or is
+    /// `browsers/chrome` in local development), see `docs/parity.md` row 38.
     pub app_name: Option<String>,
+}
+
+impl std::fmt::Debug for JsonTransportRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonTransportRequest")
+            .field("mandelbox_id", &self.mandelbox_id)
+            .field("json_data_bytes", &self.json_data.len())
+            .field(
+                "body_token",
+                &self.body_token.as_ref().map(|_| logger::REDACTED),
+            )
+            .field("app_name", &self.app_name)
+            .finish()
+    }
 }
 
 #[derive(Deserialize)]
@@ -80,7 +97,7 @@ pub fn parse(body: &[u8]) -> Result<JsonTransportRequest, RequestError> {
         None => return Err(refuse("mandelbox_id", "missing")),
     };
     let json_data = match body.json_data {
-        Some(Value::String(text)) => settings(&text)?,
+        Some(Value::String(text)) => settings(text)?,
         Some(_) => return Err(refuse("json_data", "not a string of JSON")),
         None => return Err(refuse("json_data", "missing")),
     };
@@ -97,19 +114,40 @@ pub fn parse(body: &[u8]) -> Result<JsonTransportRequest, RequestError> {
     })
 }
 
-/// `json_data` as a JSON object's text: plain, or base64 of zlib-compressed JSON.
-fn settings(text: &str) -> Result<String, RequestError> {
-    let plain = match serde_json::from_str::<Value>(text) {
-        Ok(value) => value,
-        Err(_) => inflate(text)?,
+/// `json_data` as the text of a JSON object: plain, or base64 of zlib-compressed JSON.
+fn settings(text: String) -> Result<String, RequestError> {
+    let text = match serde_json::from_str::<Value>(&text) {
+        Ok(value) => {
+            if text.len() > MAX_JSON_DATA_BYTES {
+                return Err(refuse(
+                    "json_data",
+                    format!("{} bytes, more than {MAX_JSON_DATA_BYTES}", text.len()),
+                ));
+            }
+            object_text(&value)?;
+            text
+        }
+        Err(_) => {
+            let inflated = inflate(&text)?;
+            object_text(
+                &serde_json::from_str(&inflated)
+                    .map_err(|e| refuse("json_data", format!("inflated text is not JSON: {e}")))?,
+            )?;
+            inflated
+        }
     };
-    if !plain.is_object() {
-        return Err(refuse("json_data", "not a JSON object"));
-    }
-    Ok(plain.to_string())
+    Ok(text)
 }
 
-fn inflate(text: &str) -> Result<Value, RequestError> {
+fn object_text(value: &Value) -> Result<(), RequestError> {
+    if value.is_object() {
+        Ok(())
+    } else {
+        Err(refuse("json_data", "not a JSON object"))
+    }
+}
+
+fn inflate(text: &str) -> Result<String, RequestError> {
     let compressed = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
         .map_err(|_| {
@@ -129,8 +167,7 @@ fn inflate(text: &str) -> Result<Value, RequestError> {
             format!("more than {MAX_JSON_DATA_BYTES} bytes once inflated"),
         ));
     }
-    serde_json::from_slice(&inflated)
-        .map_err(|e| refuse("json_data", format!("inflated text is not JSON: {e}")))
+    String::from_utf8(inflated).map_err(|_| refuse("json_data", "inflated text is not UTF-8"))
 }
 
 #[cfg(test)]
@@ -172,6 +209,13 @@ mod tests {
     }
 
     #[test]
+    fn settings_are_kept_verbatim() {
+        let text = "{ \"b\": 1,\n \"a\": 12345678901234567890123 }";
+        let parsed = parse(&body(json!({"mandelbox_id": ID, "json_data": text}))).unwrap();
+        assert_eq!(parsed.json_data, text);
+    }
+
+    #[test]
     fn refusals_name_the_field() {
         for (value, field) in [
             (json!([1]), "body"),
@@ -195,8 +239,16 @@ mod tests {
                 "json_data",
             ),
             (
+                json!({"mandelbox_id": ID, "json_data": compressed("[1]")}),
+                "json_data",
+            ),
+            (
                 json!({"mandelbox_id": ID, "json_data": "{}", "jwt_access_token": 5}),
                 "jwt_access_token",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "app_name": []}),
+                "app_name",
             ),
         ] {
             let error = parse(&body(value.clone())).unwrap_err();
@@ -218,9 +270,21 @@ mod tests {
     }
 
     #[test]
-    fn an_oversize_body_is_refused_before_parsing() {
+    fn oversize_settings_and_bodies_are_refused() {
+        let big = format!("{{\"x\":\"{}\"}}", "a".repeat(MAX_JSON_DATA_BYTES));
+        let error = parse(&body(json!({"mandelbox_id": ID, "json_data": big}))).unwrap_err();
+        assert_eq!(error.field, "json_data");
         let huge = vec![b' '; MAX_BODY_BYTES + 1];
         assert_eq!(parse(&huge).unwrap_err().field, "body");
+    }
+
+    #[test]
+    fn the_token_never_reaches_debug_output() {
+        let parsed = parse(&body(json!({
+            "mandelbox_id": ID, "json_data": "{}", "jwt_access_token": "very-secret-token"
+        })))
+        .unwrap();
+        assert!(!format!("{parsed:?}").contains("very-secret-token"));
     }
 
     proptest! {
@@ -235,6 +299,35 @@ mod tests {
             if let Ok(request) = result {
                 let parsed: Value = serde_json::from_str(&request.json_data).unwrap();
                 prop_assert!(parsed.is_object());
+            }
+        }
+
+        /// Structured but hostile bodies: any JSON value in any of the fields gives a request
+        /// only when every field is valid, and otherwise an error naming one of the fields.
+        #[test]
+        fn arbitrary_field_values_are_accepted_only_when_valid(
+            id in prop_oneof![
+                Just(json!(ID)), any::<i64>().prop_map(Value::from),
+                "\\PC{0,40}".prop_map(Value::from), Just(Value::Null),
+            ],
+            data in prop_oneof![
+                Just(json!("{}")), Just(json!("{\"dpi\":96}")), "\\PC{0,40}".prop_map(Value::from),
+                any::<bool>().prop_map(Value::from), Just(json!({"a": 1})),
+            ],
+            token in prop_oneof![
+                Just(Value::Null), "\\PC{0,20}".prop_map(Value::from), any::<f64>().prop_map(Value::from),
+            ],
+        ) {
+            let body = body(json!({"mandelbox_id": id, "json_data": data, "jwt_access_token": token}));
+            match parse(&body) {
+                Ok(request) => {
+                    prop_assert_eq!(request.mandelbox_id.to_string(), ID);
+                    prop_assert!(serde_json::from_str::<Value>(&request.json_data).unwrap().is_object());
+                }
+                Err(error) => prop_assert!(
+                    ["body", "mandelbox_id", "json_data", "jwt_access_token"].contains(&error.field),
+                    "{}", error
+                ),
             }
         }
     }

@@ -1,0 +1,177 @@
+//! Scaling algorithms: a decision is a value. An algorithm looks at a [`Snapshot`] of one
+//! region (its instance rows with their use, the current and wanted images, launches still in
+//! flight) and returns a plan, a `Vec<`[`Action`]`>`, that the executor carries out. The default
+//! algorithm's decision is the pure function [`default::decide`], property-tested for its
+//! invariants (never touches a host with users, never exceeds the region's cap, converges on
+//! the buffer, never acts twice on one instance).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dbclient::types::{ImageId, InstanceId, InstanceStatus};
+
+use crate::hosts::InstanceTypeInfo;
+
+pub mod default;
+
+pub use default::{DefaultAlgorithm, decide};
+
+/// Mandelboxes per GPU (shared with the host service's limit).
+pub const MANDELBOXES_PER_GPU: u32 = 3;
+/// vCPUs one mandelbox needs.
+pub const VCPUS_PER_MANDELBOX: u32 = 4;
+
+/// How many mandelboxes an instance type holds: `min(GPUs × 3, vCPUs / 4)`.
+pub fn mandelbox_capacity(info: InstanceTypeInfo) -> u32 {
+    (info.gpus.saturating_mul(MANDELBOXES_PER_GPU)).min(info.vcpus / VCPUS_PER_MANDELBOX)
+}
+
+/// One instance row as the algorithm sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceView {
+    pub id: InstanceId,
+    pub image_id: ImageId,
+    pub status: InstanceStatus,
+    /// Free mandelbox slots (the row's `remaining_capacity`).
+    pub remaining_capacity: u32,
+    /// The slots its type holds when empty.
+    pub capacity: u32,
+    /// Mandelbox rows on it that hold (or are about to hold) a user: every status but WAITING.
+    pub mandelboxes: u32,
+    pub created_at: DateTime<Utc>,
+    /// Since when it has been in `status`, as well as the service knows (the row's
+    /// `updated_at`, or when this process first saw the status, whichever is earlier).
+    pub status_since: DateTime<Utc>,
+}
+
+impl InstanceView {
+    /// Users on it, or capacity taken: such a host is never drained or terminated.
+    pub fn has_users(&self) -> bool {
+        self.mandelboxes > 0 || self.remaining_capacity < self.capacity
+    }
+}
+
+/// A launch under way whose instances have no rows yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingLaunch {
+    pub launch_id: String,
+    pub image_id: ImageId,
+    pub count: u32,
+    pub started_at: DateTime<Utc>,
+}
+
+/// What one region looks like now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub instances: Vec<InstanceView>,
+    /// The region's image row: what assignment serves and the buffer is kept on.
+    pub current_image: Option<ImageId>,
+    /// The image the operator wants (from the deploy); differing from `current_image` means an
+    /// upgrade is under way.
+    pub target_image: Option<ImageId>,
+    /// Upgrades that timed out and were rolled back by this process.
+    pub abandoned_images: Vec<ImageId>,
+    pub pending_launches: Vec<PendingLaunch>,
+    /// Instances with an action (a termination) still in flight: left alone.
+    pub busy: Vec<InstanceId>,
+}
+
+/// The default algorithm's settings for one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlgorithmConfig {
+    /// Free mandelboxes to keep ready on the current image.
+    pub desired_free_mandelboxes: u32,
+    /// Most instances (rows of any status plus pending launches) the region may have.
+    pub max_instances: u32,
+    /// Mandelboxes per instance of the type launched.
+    pub capacity_per_instance: u32,
+    /// A free DRAINING host still there after this is terminated and its row removed.
+    pub lingering_limit: Duration,
+    /// A free PRE_CONNECTION host that has not registered after this is terminated.
+    pub boot_timeout: Duration,
+    /// An image upgrade whose new hosts are not ACTIVE after this is rolled back.
+    pub upgrade_timeout: Duration,
+    /// Decide again at the latest after this, even with no event.
+    pub requeue_interval: Duration,
+}
+
+impl Default for AlgorithmConfig {
+    fn default() -> Self {
+        Self {
+            desired_free_mandelboxes: 2,
+            max_instances: 20,
+            capacity_per_instance: 2,
+            lingering_limit: Duration::from_secs(10 * 60),
+            boot_timeout: Duration::from_secs(15 * 60),
+            upgrade_timeout: Duration::from_secs(150 * 60),
+            requeue_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a host is terminated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TerminationReason {
+    /// DRAINING without users past the lingering limit.
+    Lingering,
+    /// PRE_CONNECTION past the boot timeout (its host service never registered).
+    BootTimeout,
+    /// A new-image host of an upgrade that timed out.
+    UpgradeRollback,
+    /// Running in the cloud with no row (reconciliation).
+    Orphan,
+}
+
+impl TerminationReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lingering => "lingering",
+            Self::BootTimeout => "boot_timeout",
+            Self::UpgradeRollback => "upgrade_rollback",
+            Self::Orphan => "orphan",
+        }
+    }
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Launch `count` instances of `image_id` and insert their PRE_CONNECTION rows.
+    Launch { count: u32, image_id: ImageId },
+    /// Mark a free ACTIVE host DRAINING; its host service shuts it down.
+    Drain { instance: InstanceId },
+    /// Terminate the host, verify it, and remove its row.
+    Terminate {
+        instance: InstanceId,
+        reason: TerminationReason,
+    },
+    /// Remove a row whose instance no longer exists.
+    DeleteRow { instance: InstanceId },
+    /// Point the region's image row at `image_id` (the upgrade's second phase).
+    SwapImage { image_id: ImageId },
+    /// Give up the upgrade to `image_id` (its hosts are terminated by `Terminate` actions).
+    AbandonUpgrade { image_id: ImageId },
+    /// Decide again after this long at the latest.
+    RequeueAfter(Duration),
+}
+
+impl Action {
+    /// The instance this action is about, if any.
+    pub fn instance(&self) -> Option<&InstanceId> {
+        match self {
+            Self::Drain { instance }
+            | Self::Terminate { instance, .. }
+            | Self::DeleteRow { instance } => Some(instance),
+            _ => None,
+        }
+    }
+}
+
+/// A region's decision maker. Object-safe: the event handler owns a `Box<dyn ScalingAlgorithm>`
+/// per region and calls it one event at a time.
+#[async_trait::async_trait]
+pub trait ScalingAlgorithm: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &str;
+    /// The plan for `snapshot` at `now`.
+    async fn plan(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Vec<Action>;
+}

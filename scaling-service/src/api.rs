@@ -1,0 +1,413 @@
+//! The HTTP API: `POST /mandelbox/assign`, `GET /metrics`, `/healthz`, `/readyz`.
+//!
+//! The handler authenticates (bearer JWT, `sub` = user), parses the body into an
+//! [`AssignRequest`] and calls [`Assigner::assign`], which tests can drive without HTTP.
+//! Assignment walks the client's regions in its order, picks ACTIVE hosts on the region's
+//! current image with the client's commit, fullest first (bin-packing), and claims a slot with
+//! `allocate_mandelbox`: an insert and a capacity decrement in one transaction, so two requests
+//! never get the same slot. The region that served (or failed) is asked to re-check its buffer.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use dbclient::DbClient;
+use dbclient::types::{MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{AuthError, TokenVerifier};
+use crate::metrics::Metrics;
+use crate::region::{Event, PROVIDER};
+
+/// A client asking for a mandelbox.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignRequest {
+    /// Regions by the client's measured proximity, closest first.
+    pub regions: Vec<String>,
+    pub client_commit_hash: String,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// For logs only (never stored).
+    #[serde(default)]
+    pub user_email: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+/// `200` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub ip: IpAddr,
+    pub mandelbox_id: MandelboxId,
+}
+
+/// The original's `503` error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AssignError {
+    #[error("NO_INSTANCE_AVAILABLE")]
+    NoInstanceAvailable,
+    #[error("COMMIT_HASH_MISMATCH")]
+    CommitHashMismatch,
+    #[error("REGION_NOT_ENABLED")]
+    RegionNotEnabled,
+    #[error("USER_ALREADY_ACTIVE")]
+    UserAlreadyActive,
+    #[error("SERVICE_UNAVAILABLE")]
+    ServiceUnavailable,
+}
+
+/// The commit hash a local client sends to mean "whatever the hosts run".
+pub const LOCAL_DEV_COMMIT: &str = "local_dev";
+/// The original's `MANDELBOX_LIMIT_PER_USER` default.
+pub const DEFAULT_MANDELBOXES_PER_USER: usize = 3;
+/// The app every assigned mandelbox runs.
+pub const APP: &str = "chrome";
+const MAX_BODY_BYTES: usize = 16 * 1024;
+const MAX_REGIONS: usize = 32;
+
+/// Assignment without HTTP.
+#[derive(Debug, Clone)]
+pub struct Assigner {
+    pub db: DbClient,
+    pub enabled_regions: Vec<Region>,
+    pub mandelboxes_per_user: usize,
+    /// Accept [`LOCAL_DEV_COMMIT`] (local environments only).
+    pub allow_local_commit: bool,
+    /// The region controllers, told when capacity was taken (or was missing).
+    pub regions: HashMap<Region, mpsc::Sender<Event>>,
+}
+
+impl Assigner {
+    pub async fn assign(
+        &self,
+        user: &UserId,
+        request: &AssignRequest,
+    ) -> Result<(Region, Assignment), AssignError> {
+        let regions: Vec<Region> = request
+            .regions
+            .iter()
+            .filter_map(|r| Region::new(r.trim()).ok())
+            .filter(|r| self.enabled_regions.contains(r))
+            .collect();
+        if regions.is_empty() {
+            return Err(AssignError::RegionNotEnabled);
+        }
+        let unavailable = |error: dbclient::DbError| {
+            tracing::error!(%error, "assign: database");
+            AssignError::ServiceUnavailable
+        };
+        let active = self
+            .db
+            .mandelboxes_of_user(user)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .filter(|m| m.status != MandelboxStatus::Dying)
+            .count();
+        if active >= self.mandelboxes_per_user {
+            return Err(AssignError::UserAlreadyActive);
+        }
+        let mut mismatch = false;
+        for (rank, region) in regions.iter().enumerate() {
+            let Some(image) = self
+                .db
+                .latest_image(PROVIDER, region)
+                .await
+                .map_err(unavailable)?
+            else {
+                continue;
+            };
+            let wanted_commit =
+                if self.allow_local_commit && request.client_commit_hash == LOCAL_DEV_COMMIT {
+                    image.client_sha.clone()
+                } else {
+                    request.client_commit_hash.clone()
+                };
+            let hosts = self
+                .db
+                .instances_with_capacity(region, &image.image_id)
+                .await
+                .map_err(unavailable)?;
+            for host in &hosts {
+                if host.client_sha != wanted_commit {
+                    mismatch = true;
+                    continue;
+                }
+                let Some(ip) = host.ip_addr else { continue };
+                let new = NewMandelbox {
+                    id: MandelboxId::random(),
+                    app: APP.to_owned(),
+                    instance_id: host.id.clone(),
+                    user_id: Some(user.clone()),
+                    session_id: request.session_id.clone(),
+                    status: MandelboxStatus::Allocated,
+                };
+                // None: another request took the last slot first; try the next host.
+                if let Some(mandelbox) = self
+                    .db
+                    .allocate_mandelbox(&new)
+                    .await
+                    .map_err(unavailable)?
+                {
+                    if rank > 0 {
+                        tracing::warn!(%region, "assigned outside the closest region");
+                    }
+                    self.recheck(region);
+                    return Ok((
+                        region.clone(),
+                        Assignment {
+                            ip,
+                            mandelbox_id: mandelbox.id,
+                        },
+                    ));
+                }
+            }
+        }
+        for region in &regions {
+            self.recheck(region);
+        }
+        if mismatch {
+            Err(AssignError::CommitHashMismatch)
+        } else {
+            Err(AssignError::NoInstanceAvailable)
+        }
+    }
+
+    fn recheck(&self, region: &Region) {
+        if let Some(tx) = self.regions.get(region) {
+            let _ = tx.try_send(Event::CapacityTaken);
+        }
+    }
+}
+
+/// A token bucket shared by every client: over the rate, requests get `429` (and nothing else
+/// happens).
+#[derive(Debug)]
+pub struct RateLimiter {
+    per_second: f64,
+    burst: f64,
+    state: Mutex<(f64, tokio::time::Instant)>,
+}
+
+impl RateLimiter {
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        let burst = f64::from(burst.max(1));
+        Self {
+            per_second: per_second.max(0.0),
+            burst,
+            state: Mutex::new((burst, tokio::time::Instant::now())),
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn try_acquire(&self) -> bool {
+        let mut state = match self.state.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(state.1).as_secs_f64() * self.per_second;
+        state.0 = (state.0 + refill).min(self.burst);
+        state.1 = now;
+        if state.0 >= 1.0 {
+            state.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub assigner: Arc<Assigner>,
+    pub verifier: Arc<dyn TokenVerifier>,
+    pub limiter: Arc<RateLimiter>,
+    pub metrics: Arc<Metrics>,
+    /// Ready once the subscriptions deliver (and the database answers).
+    pub ready: watch::Receiver<bool>,
+}
+
+fn error(status: StatusCode, code: &str, message: Option<String>) -> Response {
+    let mut body = serde_json::json!({ "error": code });
+    if let Some(message) = message {
+        body["message"] = serde_json::Value::String(message);
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+async fn assign(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+    let timer = state.metrics.assign_seconds.start_timer();
+    let (result, response) = assign_inner(&state, &headers, &body).await;
+    state
+        .metrics
+        .assign_requests
+        .with_label_values(&[result])
+        .inc();
+    timer.observe_duration();
+    response
+}
+
+async fn assign_inner(
+    state: &ApiState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> (&'static str, Response) {
+    if !state.limiter.try_acquire() {
+        return (
+            "RATE_LIMITED",
+            error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", None),
+        );
+    }
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let user = match token {
+        None => Err(AuthError::Missing),
+        Some(token) => state.verifier.verify(token).await,
+    };
+    let user = match user {
+        Ok(user) => user,
+        Err(AuthError::KeysUnavailable(reason)) => {
+            tracing::error!(%reason, "assign: cannot verify tokens");
+            return (
+                "SERVICE_UNAVAILABLE",
+                error(StatusCode::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", None),
+            );
+        }
+        Err(e) => {
+            return (
+                "UNAUTHORIZED",
+                error(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHORIZED",
+                    Some(e.to_string()),
+                ),
+            );
+        }
+    };
+    if body.len() > MAX_BODY_BYTES {
+        return (
+            "BAD_REQUEST",
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "BAD_REQUEST",
+                Some("body too large".into()),
+            ),
+        );
+    }
+    let request: AssignRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                "BAD_REQUEST",
+                error(StatusCode::BAD_REQUEST, "BAD_REQUEST", Some(e.to_string())),
+            );
+        }
+    };
+    if let Err(reason) = validate(&request) {
+        return (
+            "BAD_REQUEST",
+            error(StatusCode::BAD_REQUEST, "BAD_REQUEST", Some(reason)),
+        );
+    }
+    match state.assigner.assign(&user, &request).await {
+        Ok((region, assignment)) => {
+            tracing::info!(user.id = %user, %region, mandelbox.id = %assignment.mandelbox_id, "assigned");
+            (
+                "OK",
+                (StatusCode::OK, axum::Json(assignment)).into_response(),
+            )
+        }
+        Err(e) => {
+            let code: &'static str = match e {
+                AssignError::NoInstanceAvailable => "NO_INSTANCE_AVAILABLE",
+                AssignError::CommitHashMismatch => "COMMIT_HASH_MISMATCH",
+                AssignError::RegionNotEnabled => "REGION_NOT_ENABLED",
+                AssignError::UserAlreadyActive => "USER_ALREADY_ACTIVE",
+                AssignError::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            };
+            (code, error(StatusCode::SERVICE_UNAVAILABLE, code, None))
+        }
+    }
+}
+
+/// Checks what serde cannot: sizes, and the version's shape (`X.Y.Z` with an optional suffix).
+fn validate(request: &AssignRequest) -> Result<(), String> {
+    if request.regions.is_empty() || request.regions.len() > MAX_REGIONS {
+        return Err(format!("regions: 1 to {MAX_REGIONS} expected"));
+    }
+    if request.client_commit_hash.is_empty() || request.client_commit_hash.len() > 64 {
+        return Err("client_commit_hash: 1 to 64 characters expected".into());
+    }
+    if request.session_id.as_ref().is_some_and(|s| s.len() > 128) {
+        return Err("session_id: too long".into());
+    }
+    if let Some(version) = &request.version {
+        let core = version.split('-').next().unwrap_or("");
+        let parts: Vec<&str> = core.split('.').collect();
+        if parts.len() != 3
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || p.parse::<u32>().is_err())
+        {
+            return Err(format!("version {version:?}: X.Y.Z expected"));
+        }
+    }
+    Ok(())
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if *state.ready.borrow() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/mandelbox/assign", post(assign))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown`, then lets requests in flight finish (bounded).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    const DRAIN: Duration = Duration::from_secs(10);
+    let stop = shutdown.clone();
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await });
+    tokio::select! {
+        result = server => result,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN).await } => Ok(()),
+    }
+}

@@ -1,0 +1,590 @@
+//! One region's controller: it owns the region's [`ScalingAlgorithm`], handles the region's
+//! events one at a time (so a repeated delivery can never launch twice), reads the region's
+//! state from the database on every event (level-triggered), asks the algorithm for a plan and
+//! carries it out through the [`HostHandler`] and `dbclient`.
+//!
+//! Launches and terminations take minutes (waiting for EC2), so they run as tracked tasks and
+//! report back; until then the launch counts as pending capacity and the instance as busy, so
+//! the next plan neither repeats nor contradicts them. On shutdown the controller stops taking
+//! events and lets in-flight launches finish (each is bounded by its own wait timeout).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dbclient::DbClient;
+use dbclient::types::{
+    Image, ImageId, InstanceId, InstanceStatus, InstanceWithMandelboxes, MandelboxStatus,
+    NewInstance, Region,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::algorithm::{Action, InstanceView, PendingLaunch, ScalingAlgorithm, Snapshot};
+use crate::hosts::{HostError, HostHandler, HostState, LaunchRequest};
+use crate::metrics::Metrics;
+
+/// The provider written into instance and image rows.
+pub const PROVIDER: &str = "AWS";
+/// Events a region may have queued; more are dropped (each event only says "look again").
+pub const EVENT_QUEUE: usize = 64;
+/// After a failed step (database unreachable), try again after this.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
+/// A follower looks again this often, so it acts soon after it takes the lease over.
+const NOT_LEADER_RECHECK: Duration = Duration::from_secs(1);
+
+/// How one region is run.
+#[derive(Debug, Clone)]
+pub struct RegionSettings {
+    pub region: Region,
+    pub instance_type: String,
+    /// Mandelboxes per instance of `instance_type`.
+    pub capacity_per_instance: u32,
+    /// This service's commit: the `client_sha` of the rows and image rows it writes.
+    pub commit: String,
+    /// The image the deploy wants (an upgrade when it differs from the image row).
+    pub target_image: Option<ImageId>,
+    /// EC2 `running` wait for a launch (the original's 5 minutes).
+    pub wait_running: Duration,
+    /// EC2 `terminated` wait when verifying a termination.
+    pub wait_terminated: Duration,
+    /// A managed instance with no row, or a row with no instance, is left alone this long
+    /// (a launch inserts its rows only once the instances run).
+    pub orphan_grace: Duration,
+    /// How long shutdown waits for in-flight launches.
+    pub shutdown_grace: Duration,
+}
+
+impl RegionSettings {
+    pub fn new(region: Region, commit: impl Into<String>) -> Self {
+        Self {
+            region,
+            instance_type: "g4dn.2xlarge".to_owned(),
+            capacity_per_instance: 2,
+            commit: commit.into(),
+            target_image: None,
+            wait_running: Duration::from_secs(5 * 60),
+            wait_terminated: Duration::from_secs(5 * 60),
+            orphan_grace: Duration::from_secs(10 * 60),
+            shutdown_grace: Duration::from_secs(6 * 60),
+        }
+    }
+}
+
+/// Something for a region to look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The fleet or the images changed (a subscription delivered).
+    Changed,
+    /// The scheduler: also reconciles the cloud with the rows.
+    Tick,
+    /// An assignment took capacity here.
+    CapacityTaken,
+}
+
+/// What finished in the background.
+#[derive(Debug)]
+enum Done {
+    Launch {
+        launch_id: String,
+        result: Result<usize, ExecError>,
+    },
+    Termination {
+        instance: InstanceId,
+        result: Result<(), ExecError>,
+    },
+}
+
+/// Why carrying out an action failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecError {
+    #[error("cloud: {0}")]
+    Host(#[from] HostError),
+    #[error("database: {0}")]
+    Db(String),
+    #[error("launch {launch_id}: asked for {wanted} instances, got {got}")]
+    PartialLaunch {
+        launch_id: String,
+        wanted: u32,
+        got: usize,
+    },
+}
+
+impl From<dbclient::DbError> for ExecError {
+    fn from(error: dbclient::DbError) -> Self {
+        Self::Db(error.to_string())
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: RegionSettings,
+    db: DbClient,
+    hosts: Arc<dyn HostHandler>,
+}
+
+/// The region's controller.
+#[derive(Debug)]
+pub struct RegionController {
+    shared: Arc<Shared>,
+    algorithm: Box<dyn ScalingAlgorithm>,
+    pending: HashMap<String, PendingLaunch>,
+    busy: HashSet<InstanceId>,
+    abandoned: Vec<ImageId>,
+    draining_seen: HashMap<InstanceId, DateTime<Utc>>,
+    tasks: TaskTracker,
+    done_tx: mpsc::Sender<Done>,
+    done_rx: mpsc::Receiver<Done>,
+    leader: Option<watch::Receiver<bool>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl RegionController {
+    pub fn new(
+        settings: RegionSettings,
+        db: DbClient,
+        hosts: Arc<dyn HostHandler>,
+        algorithm: Box<dyn ScalingAlgorithm>,
+    ) -> Self {
+        let (done_tx, done_rx) = mpsc::channel(EVENT_QUEUE);
+        Self {
+            shared: Arc::new(Shared {
+                settings,
+                db,
+                hosts,
+            }),
+            algorithm,
+            pending: HashMap::new(),
+            busy: HashSet::new(),
+            abandoned: Vec::new(),
+            draining_seen: HashMap::new(),
+            tasks: TaskTracker::new(),
+            done_tx,
+            done_rx,
+            leader: None,
+            metrics: None,
+        }
+    }
+
+    /// Reports the region's fleet, launches and terminations.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Acts only while `leader` says so (high availability: see [`crate::lease`]).
+    pub fn with_leader(mut self, leader: watch::Receiver<bool>) -> Self {
+        self.leader = Some(leader);
+        self
+    }
+
+    /// Whether this replica may act.
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| *l.borrow())
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.shared.settings.region
+    }
+
+    /// Launches not yet inserted.
+    pub fn pending_launches(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Handles events until `shutdown`, deciding at start, on every event and when the last
+    /// plan asked to look again; then waits (bounded) for in-flight launches.
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
+        let mut tick = true;
+        loop {
+            let wait = if tick {
+                let reconcile = self.reconcile_cloud().await;
+                if let Err(error) = reconcile {
+                    tracing::warn!(region = %self.region(), %error, "reconciliation failed");
+                }
+                self.step().await
+            } else {
+                self.step().await
+            };
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                done = self.done_rx.recv() => {
+                    if let Some(done) = done { self.absorb(done); }
+                    tick = false;
+                }
+                event = events.recv() => match event {
+                    Some(event) => tick = event == Event::Tick,
+                    None => break,
+                },
+                () = tokio::time::sleep(wait) => tick = false,
+            }
+        }
+        self.drain_in_flight().await;
+    }
+
+    /// Waits for in-flight launches and terminations, at most `shutdown_grace`.
+    pub async fn drain_in_flight(&mut self) {
+        self.tasks.close();
+        let grace = self.shared.settings.shutdown_grace;
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(region = %self.region(), in_flight = self.tasks.len(), "in-flight actions outlived the shutdown grace");
+        }
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.absorb(done);
+        }
+    }
+
+    /// Waits until every background action has reported (tests).
+    pub async fn settle(&mut self) {
+        while !self.pending.is_empty() || !self.busy.is_empty() {
+            match self.done_rx.recv().await {
+                Some(done) => self.absorb(done),
+                None => break,
+            }
+        }
+    }
+
+    fn absorb(&mut self, done: Done) {
+        let region = self.shared.settings.region.clone();
+        match done {
+            Done::Launch { launch_id, result } => {
+                self.pending.remove(&launch_id);
+                if let Some(m) = &self.metrics {
+                    let outcome = if result.is_ok() { "ok" } else { "error" };
+                    m.launches
+                        .with_label_values(&[region.as_str(), outcome])
+                        .inc();
+                }
+                match result {
+                    Ok(count) => tracing::info!(%region, %launch_id, count, "launch done"),
+                    Err(error) => tracing::error!(%region, %launch_id, %error, "launch failed"),
+                }
+            }
+            Done::Termination { instance, result } => {
+                self.busy.remove(&instance);
+                if let Err(error) = result {
+                    tracing::error!(%region, instance.id = %instance, %error, "termination not verified");
+                }
+            }
+        }
+    }
+
+    /// Reads the region, plans, carries the plan out. Returns when to look again.
+    pub async fn step(&mut self) -> Duration {
+        if !self.is_leader() {
+            return NOT_LEADER_RECHECK;
+        }
+        match self.try_step().await {
+            Ok(wait) => wait,
+            Err(error) => {
+                tracing::warn!(region = %self.region(), %error, "scaling step failed");
+                RETRY_AFTER_ERROR
+            }
+        }
+    }
+
+    async fn snapshot(&mut self) -> Result<Snapshot, ExecError> {
+        let settings = &self.shared.settings;
+        let rows = self.shared.db.instances_in_region(&settings.region).await?;
+        let image = self
+            .shared
+            .db
+            .latest_image(PROVIDER, &settings.region)
+            .await?;
+        let now = Utc::now();
+        self.draining_seen.retain(|id, _| {
+            rows.iter()
+                .any(|r| &r.instance.id == id && r.instance.status == InstanceStatus::Draining)
+        });
+        let instances: Vec<InstanceView> = rows
+            .iter()
+            .map(|row| {
+                let i = &row.instance;
+                let mut status_since = i.updated_at;
+                if i.status == InstanceStatus::Draining {
+                    let seen = *self.draining_seen.entry(i.id.clone()).or_insert(now);
+                    status_since = status_since.min(seen);
+                }
+                view(row, settings.capacity_per_instance, status_since)
+            })
+            .collect();
+        if let Some(m) = &self.metrics {
+            report(
+                m,
+                &settings.region,
+                &instances,
+                image.as_ref().map(|i| &i.image_id),
+            );
+        }
+        Ok(Snapshot {
+            instances,
+            current_image: image.map(|i| i.image_id),
+            target_image: settings.target_image.clone(),
+            abandoned_images: self.abandoned.clone(),
+            pending_launches: self.pending.values().cloned().collect(),
+            busy: self.busy.iter().cloned().collect(),
+        })
+    }
+
+    async fn try_step(&mut self) -> Result<Duration, ExecError> {
+        let snapshot = self.snapshot().await?;
+        let plan = self.algorithm.plan(&snapshot, Utc::now()).await;
+        let mut wait = Duration::from_secs(60);
+        for action in plan {
+            match action {
+                Action::RequeueAfter(d) => wait = d,
+                other => self.execute(other).await?,
+            }
+        }
+        Ok(wait)
+    }
+
+    async fn execute(&mut self, action: Action) -> Result<(), ExecError> {
+        let region = self.shared.settings.region.clone();
+        match action {
+            Action::Launch { count, image_id } => {
+                // The id is recorded (as pending) before anything is launched: a retry of the
+                // same launch finds what it launched instead of launching again.
+                let launch = PendingLaunch {
+                    launch_id: format!("{}-{}", region, uuid_like()),
+                    image_id,
+                    count,
+                    started_at: Utc::now(),
+                };
+                tracing::info!(%region, launch.id = %launch.launch_id, count, image = %launch.image_id, "launching");
+                self.pending
+                    .insert(launch.launch_id.clone(), launch.clone());
+                let shared = self.shared.clone();
+                let done = self.done_tx.clone();
+                self.tasks.spawn(async move {
+                    let launch_id = launch.launch_id.clone();
+                    let result = run_launch(&shared, &launch).await;
+                    let _ = done.send(Done::Launch { launch_id, result }).await;
+                });
+            }
+            Action::Drain { instance } => {
+                let drained = self
+                    .shared
+                    .db
+                    .transition_instance_status(
+                        &instance,
+                        InstanceStatus::Active,
+                        InstanceStatus::Draining,
+                    )
+                    .await?;
+                tracing::info!(%region, instance.id = %instance, drained, "drain");
+            }
+            Action::Terminate { instance, reason } => {
+                if let Some(m) = &self.metrics {
+                    m.terminations
+                        .with_label_values(&[region.as_str(), reason.as_str()])
+                        .inc();
+                }
+                tracing::info!(%region, instance.id = %instance, reason = reason.as_str(), "terminating");
+                self.busy.insert(instance.clone());
+                let shared = self.shared.clone();
+                let done = self.done_tx.clone();
+                self.tasks.spawn(async move {
+                    let result = run_termination(&shared, &instance).await;
+                    let _ = done.send(Done::Termination { instance, result }).await;
+                });
+            }
+            Action::DeleteRow { instance } => {
+                self.shared.db.delete_instance(&instance).await?;
+            }
+            Action::SwapImage { image_id } => {
+                tracing::info!(%region, image = %image_id, "image row swapped");
+                self.shared
+                    .db
+                    .upsert_image(&Image {
+                        provider: PROVIDER.to_owned(),
+                        region: region.clone(),
+                        image_id,
+                        client_sha: self.shared.settings.commit.clone(),
+                        updated_at: Utc::now(),
+                    })
+                    .await?;
+            }
+            Action::AbandonUpgrade { image_id } => {
+                tracing::error!(%region, image = %image_id, "image upgrade timed out: rolled back");
+                if !self.abandoned.contains(&image_id) {
+                    self.abandoned.push(image_id);
+                }
+            }
+            Action::RequeueAfter(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Compares the cloud with the rows: managed instances with no row for longer than the
+    /// grace period are terminated; rows whose instance is gone are removed.
+    pub async fn reconcile_cloud(&mut self) -> Result<(usize, usize), ExecError> {
+        if !self.is_leader() {
+            return Ok((0, 0));
+        }
+        let settings = &self.shared.settings;
+        let now = Utc::now();
+        let grace = chrono::Duration::from_std(settings.orphan_grace).unwrap_or_default();
+        let managed = self.shared.hosts.list_managed().await?;
+        let rows = self.shared.db.instances_in_region(&settings.region).await?;
+        let row_ids: HashSet<&InstanceId> = rows.iter().map(|r| &r.instance.id).collect();
+        let pending: HashSet<&str> = self.pending.keys().map(String::as_str).collect();
+        let orphans: Vec<InstanceId> = managed
+            .iter()
+            .filter(|m| !m.state.is_ending() && !row_ids.contains(&m.id))
+            .filter(|m| !m.launch_id.as_deref().is_some_and(|l| pending.contains(l)))
+            .filter(|m| m.launched_at.is_none_or(|t| now - t > grace))
+            .map(|m| m.id.clone())
+            .collect();
+        if !orphans.is_empty() {
+            if let Some(m) = &self.metrics {
+                m.terminations
+                    .with_label_values(&[settings.region.as_str(), "orphan"])
+                    .inc_by(orphans.len() as u64);
+            }
+            tracing::warn!(region = %settings.region, count = orphans.len(), "terminating orphan instances");
+            self.shared.hosts.terminate(&orphans).await?;
+        }
+        let alive: HashSet<&InstanceId> = managed
+            .iter()
+            .filter(|m| m.state != HostState::Terminated)
+            .map(|m| &m.id)
+            .collect();
+        let mut removed = 0;
+        for row in &rows {
+            let i = &row.instance;
+            if !alive.contains(&i.id) && !self.busy.contains(&i.id) && now - i.created_at > grace {
+                tracing::warn!(region = %settings.region, instance.id = %i.id, "row without an instance: removed");
+                if self.shared.db.delete_instance(&i.id).await? {
+                    removed += 1;
+                }
+            }
+        }
+        Ok((orphans.len(), removed))
+    }
+}
+
+fn view(row: &InstanceWithMandelboxes, capacity: u32, status_since: DateTime<Utc>) -> InstanceView {
+    let i = &row.instance;
+    InstanceView {
+        id: i.id.clone(),
+        image_id: i.image_id.clone(),
+        status: i.status,
+        remaining_capacity: i.remaining_capacity,
+        capacity: capacity.max(i.remaining_capacity),
+        mandelboxes: u32::try_from(
+            row.mandelboxes
+                .iter()
+                .filter(|m| m.status != MandelboxStatus::Waiting)
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
+        created_at: i.created_at,
+        status_since,
+    }
+}
+
+/// The region's gauges from a fresh read of its rows.
+fn report(metrics: &Metrics, region: &Region, instances: &[InstanceView], image: Option<&ImageId>) {
+    let r = region.as_str();
+    for status in InstanceStatus::ALL {
+        let count = instances.iter().filter(|i| i.status == *status).count();
+        metrics
+            .instances
+            .with_label_values(&[r, status.as_str()])
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+    let free: u64 = instances
+        .iter()
+        .filter(|i| i.status == InstanceStatus::Active && Some(&i.image_id) == image)
+        .map(|i| u64::from(i.remaining_capacity))
+        .sum();
+    metrics
+        .free_capacity
+        .with_label_values(&[r])
+        .set(i64::try_from(free).unwrap_or(i64::MAX));
+    let lingering = instances
+        .iter()
+        .filter(|i| i.status == InstanceStatus::Draining && !i.has_users())
+        .count();
+    metrics
+        .lingering_instances
+        .with_label_values(&[r])
+        .set(i64::try_from(lingering).unwrap_or(i64::MAX));
+}
+
+fn uuid_like() -> String {
+    dbclient::types::MandelboxId::random().to_string()
+}
+
+/// Launch, wait for `running`, insert the PRE_CONNECTION rows. Whatever ran but could not be
+/// inserted is terminated again, so a failed launch leaves no orphan behind.
+async fn run_launch(shared: &Shared, launch: &PendingLaunch) -> Result<usize, ExecError> {
+    let settings = &shared.settings;
+    let request = LaunchRequest {
+        launch_id: launch.launch_id.clone(),
+        count: launch.count,
+        image_id: launch.image_id.clone(),
+        instance_type: settings.instance_type.clone(),
+        client_sha: settings.commit.clone(),
+    };
+    let launched = shared.hosts.launch(&request).await?;
+    let ids: Vec<InstanceId> = launched.iter().map(|i| i.id.clone()).collect();
+    let result = async {
+        shared
+            .hosts
+            .wait_running(&ids, settings.wait_running)
+            .await?;
+        let rows: Vec<NewInstance> = launched
+            .iter()
+            .map(|i| NewInstance {
+                id: i.id.clone(),
+                provider: PROVIDER.to_owned(),
+                region: settings.region.clone(),
+                image_id: i.image_id.clone(),
+                client_sha: settings.commit.clone(),
+                ip_addr: None,
+                instance_type: i.instance_type.clone(),
+                remaining_capacity: settings.capacity_per_instance,
+                status: InstanceStatus::PreConnection,
+            })
+            .collect();
+        shared.db.insert_instances(&rows).await?;
+        Ok::<_, ExecError>(())
+    }
+    .await;
+    if let Err(error) = result {
+        if !ids.is_empty()
+            && let Err(cleanup) = shared.hosts.terminate(&ids).await
+        {
+            tracing::error!(%cleanup, count = ids.len(), "could not terminate a failed launch's instances; reconciliation will");
+        }
+        return Err(error);
+    }
+    if launched.len() < launch.count as usize {
+        return Err(ExecError::PartialLaunch {
+            launch_id: launch.launch_id.clone(),
+            wanted: launch.count,
+            got: launched.len(),
+        });
+    }
+    Ok(launched.len())
+}
+
+/// Terminate, verify `terminated`, remove the row.
+async fn run_termination(shared: &Shared, instance: &InstanceId) -> Result<(), ExecError> {
+    let ids = std::slice::from_ref(instance);
+    shared.hosts.terminate(ids).await?;
+    shared
+        .hosts
+        .wait_terminated(ids, shared.settings.wait_terminated)
+        .await?;
+    shared.db.delete_instance(instance).await?;
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! `POST /mandelbox/assign` over HTTP against the real database: the atomic claim under
+//! concurrency, the error codes, bad input, authentication and the rate limit.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use chrono::Utc;
+use dbclient::types::{Image, ImageId, InstanceId, InstanceStatus, NewInstance, Region};
+use dbclient::{DbClient, DbConfig};
+use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
+use scaling_service::api::{ApiState, Assigner, RateLimiter, serve};
+use scaling_service::auth::StaticVerifier;
+use scaling_service::metrics::Metrics;
+use scaling_service::region::PROVIDER;
+use tokio_util::sync::CancellationToken;
+
+struct Fixture {
+    _stack: TestStack,
+    db: DbClient,
+    url: String,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `hosts` ACTIVE hosts with 2 slots each on the current image of us-east-1 (commit `abc`).
+async fn fixture(hosts: u32, limiter: RateLimiter) -> Fixture {
+    let stack = TestStack::start().await.unwrap();
+    let db = DbClient::new(
+        &DbConfig::new(
+            &stack.graphql_url(),
+            Some(logger::Secret::new(TEST_ADMIN_SECRET.to_owned())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let east = Region::new("us-east-1").unwrap();
+    let ami = ImageId::new("ami-a").unwrap();
+    db.upsert_image(&Image {
+        provider: PROVIDER.to_owned(),
+        region: east.clone(),
+        image_id: ami.clone(),
+        client_sha: "abc".to_owned(),
+        updated_at: Utc::now(),
+    })
+    .await
+    .unwrap();
+    let rows: Vec<NewInstance> = (0..hosts)
+        .map(|n| NewInstance {
+            id: InstanceId::new(format!("i-{n:017}")).unwrap(),
+            provider: PROVIDER.to_owned(),
+            region: east.clone(),
+            image_id: ami.clone(),
+            client_sha: "abc".to_owned(),
+            ip_addr: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, n as u8 + 1))),
+            instance_type: "g4dn.2xlarge".to_owned(),
+            remaining_capacity: 2,
+            status: InstanceStatus::Active,
+        })
+        .collect();
+    if !rows.is_empty() {
+        db.insert_instances(&rows).await.unwrap();
+    }
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let (_ready_tx, ready) = tokio::sync::watch::channel(true);
+    let state = ApiState {
+        assigner: Arc::new(Assigner {
+            db: db.clone(),
+            enabled_regions: vec![east, Region::new("us-west-2").unwrap()],
+            mandelboxes_per_user: 3,
+            allow_local_commit: true,
+            regions: HashMap::new(),
+        }),
+        verifier: Arc::new(StaticVerifier),
+        limiter: Arc::new(limiter),
+        metrics: metrics.clone(),
+        ready,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve(listener, state, shutdown.clone()));
+    Fixture {
+        _stack: stack,
+        db,
+        url,
+        shutdown,
+        metrics,
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    fx: &Fixture,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut request = client
+        .post(format!("{}/mandelbox/assign", fx.url))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+const BODY: &str = r#"{"regions":["us-east-1"],"client_commit_hash":"abc","version":"3.1.0"}"#;
+
+#[tokio::test]
+async fn fifty_concurrent_assigns_against_twenty_slots_get_twenty_mandelboxes_and_thirty_503s() {
+    let fx = fixture(10, RateLimiter::new(1000.0, 1000)).await;
+    let client = reqwest::Client::new();
+    let answers = futures::future::join_all((0..50).map(|n| {
+        let client = client.clone();
+        let fx = &fx;
+        async move { post(&client, fx, Some(&format!("user:user-{n}")), BODY).await }
+    }))
+    .await;
+    let mut ids = HashSet::new();
+    let mut refused = 0;
+    for (status, body) in &answers {
+        match status {
+            200 => assert!(ids.insert(body["mandelbox_id"].as_str().unwrap().to_owned())),
+            503 => {
+                assert_eq!(body["error"], "NO_INSTANCE_AVAILABLE", "{body}");
+                refused += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!((ids.len(), refused), (20, 30));
+    let east = Region::new("us-east-1").unwrap();
+    for row in fx.db.instances_in_region(&east).await.unwrap() {
+        assert_eq!(row.instance.remaining_capacity, 0);
+        assert_eq!(row.mandelboxes.len(), 2);
+    }
+    assert!(
+        fx.metrics
+            .render()
+            .contains("whist_scaling_assign_requests_total{result=\"OK\"} 20")
+    );
+}
+
+#[tokio::test]
+async fn errors_are_clean_json() {
+    let fx = fixture(1, RateLimiter::new(1000.0, 1000)).await;
+    let c = reqwest::Client::new();
+    let (s, b) = post(&c, &fx, None, BODY).await;
+    assert_eq!((s, b["error"].as_str()), (401, Some("UNAUTHORIZED")));
+    let (s, b) = post(&c, &fx, Some("user:u"), "{not json").await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("BAD_REQUEST")));
+    let bad_version = r#"{"regions":["us-east-1"],"client_commit_hash":"abc","version":"x"}"#;
+    assert_eq!(post(&c, &fx, Some("user:u"), bad_version).await.0, 400);
+    let elsewhere = r#"{"regions":["eu-west-1"],"client_commit_hash":"abc"}"#;
+    let (s, b) = post(&c, &fx, Some("user:u"), elsewhere).await;
+    assert_eq!((s, b["error"].as_str()), (503, Some("REGION_NOT_ENABLED")));
+    let other_commit = r#"{"regions":["us-east-1"],"client_commit_hash":"def"}"#;
+    let (s, b) = post(&c, &fx, Some("user:u"), other_commit).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (503, Some("COMMIT_HASH_MISMATCH"))
+    );
+    // The local override takes the hosts' commit; a user's limit is 3 mandelboxes.
+    let local = r#"{"regions":["us-west-2","us-east-1"],"client_commit_hash":"local_dev"}"#;
+    let (s, b) = post(&c, &fx, Some("user:u"), local).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["ip"], "10.0.0.1");
+    let (_, b) = post(&c, &fx, Some("user:u"), local).await;
+    assert!(b["mandelbox_id"].is_string());
+    let east = Region::new("us-east-1").unwrap();
+    fx.db
+        .insert_instances(&[NewInstance {
+            id: InstanceId::new("i-0more00000000000").unwrap(),
+            provider: PROVIDER.to_owned(),
+            region: east.clone(),
+            image_id: ImageId::new("ami-a").unwrap(),
+            client_sha: "abc".to_owned(),
+            ip_addr: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1))),
+            instance_type: "g4dn.2xlarge".to_owned(),
+            remaining_capacity: 2,
+            status: InstanceStatus::Active,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(post(&c, &fx, Some("user:u"), local).await.0, 200);
+    let (s, b) = post(&c, &fx, Some("user:u"), local).await;
+    assert_eq!((s, b["error"].as_str()), (503, Some("USER_ALREADY_ACTIVE")));
+}
+
+#[tokio::test]
+async fn the_rate_limit_really_rejects() {
+    let fx = fixture(1, RateLimiter::new(0.0, 2)).await;
+    let c = reqwest::Client::new();
+    assert_eq!(post(&c, &fx, Some("user:a"), BODY).await.0, 200);
+    assert_eq!(post(&c, &fx, Some("user:b"), BODY).await.0, 200);
+    let (s, b) = post(&c, &fx, Some("user:c"), BODY).await;
+    assert_eq!((s, b["error"].as_str()), (429, Some("RATE_LIMITED")));
+    // Rejected means untouched: still exactly two mandelboxes.
+    let east = Region::new("us-east-1").unwrap();
+    let rows = fx.db.instances_in_region(&east).await.unwrap();
+    assert_eq!(rows[0].mandelboxes.len(), 2);
+    let health = reqwest::get(format!("{}/healthz", fx.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let metrics = reqwest::get(format!("{}/metrics", fx.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("whist_scaling_assign_seconds"));
+}

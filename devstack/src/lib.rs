@@ -8,7 +8,11 @@
 //! - a fake IMDSv2 with a settable identity per host process ([`imds`]);
 //! - a fake token issuer (Auth0's JWKS and RS256 tokens with chosen claims) for tests of the
 //!   host's json_transport endpoint ([`jwks`]).
+//!
+//! And [`client`], a client simulator (`whist-client`): token, assign, pinned json_transport
+//! and the connection to the mandelbox, as Whist's client app does them, timed.
 
+pub mod client;
 pub mod hasura;
 pub mod imds;
 pub mod jwks;

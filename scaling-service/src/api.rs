@@ -3,9 +3,11 @@
 //! The handler authenticates (bearer JWT, `sub` = user), parses the body into an
 //! [`AssignRequest`] and calls [`Assigner::assign`], which tests can drive without HTTP.
 //! Assignment walks the client's regions in its order, picks ACTIVE hosts on the region's
-//! current image with the client's commit, fullest first (bin-packing), and claims a slot with
-//! `allocate_mandelbox`: an insert and a capacity decrement in one transaction, so two requests
-//! never get the same slot. The region that served (or failed) is asked to re-check its buffer.
+//! current image with the client's commit that have published their json_transport certificate
+//! fingerprint, fullest first (bin-packing), and claims a slot with `allocate_mandelbox`: an
+//! insert and a capacity decrement in one transaction, so two requests never get the same slot.
+//! The answer carries that fingerprint, so the client can pin the host's certificate. The
+//! region that served (or failed) is asked to re-check its buffer.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -49,6 +51,11 @@ pub struct AssignRequest {
 pub struct Assignment {
     pub ip: IpAddr,
     pub mandelbox_id: MandelboxId,
+    /// The host's `whist.instances.tls_fingerprint`: SHA-256 of its json_transport certificate
+    /// (64 lowercase hex digits), for the client to pin. Always set in answers of this service
+    /// (hosts without one are not assigned); optional for readers of older answers.
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
 }
 
 /// The original's `503` error codes.
@@ -144,6 +151,11 @@ impl Assigner {
                     continue;
                 }
                 let Some(ip) = host.ip_addr else { continue };
+                // No fingerprint yet: the host has not published its json_transport certificate,
+                // so its client could not pin it. Not ready; it publishes right after registering.
+                let Some(tls_fingerprint) = host.tls_fingerprint.clone() else {
+                    continue;
+                };
                 let new = NewMandelbox {
                     id: MandelboxId::random(),
                     app: APP.to_owned(),
@@ -168,6 +180,7 @@ impl Assigner {
                         Assignment {
                             ip,
                             mandelbox_id: mandelbox.id,
+                            tls_fingerprint: Some(tls_fingerprint),
                         },
                     ));
                 }

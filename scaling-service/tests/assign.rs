@@ -1,5 +1,6 @@
 //! `POST /mandelbox/assign` over HTTP against the real database: the atomic claim under
-//! concurrency, the error codes, bad input, authentication and the rate limit.
+//! concurrency, the error codes, bad input, authentication and the rate limit, and the pinned
+//! certificate fingerprint in the answer (hosts that have not published one are not ready).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -31,7 +32,13 @@ impl Drop for Fixture {
     }
 }
 
-/// `hosts` ACTIVE hosts with 2 slots each on the current image of us-east-1 (commit `abc`).
+/// The fixture's fingerprint of host `n` (64 lowercase hex digits, as the column requires).
+fn fingerprint(n: u32) -> String {
+    format!("{:02x}", n + 1).repeat(32)
+}
+
+/// `hosts` ACTIVE hosts with 2 slots each on the current image of us-east-1 (commit `abc`),
+/// each with its json_transport fingerprint published ([`fingerprint`]).
 async fn fixture(hosts: u32, limiter: RateLimiter) -> Fixture {
     let stack = TestStack::start().await.unwrap();
     let db = DbClient::new(
@@ -68,6 +75,13 @@ async fn fixture(hosts: u32, limiter: RateLimiter) -> Fixture {
         .collect();
     if !rows.is_empty() {
         db.insert_instances(&rows).await.unwrap();
+    }
+    for (n, row) in rows.iter().enumerate() {
+        let published = db
+            .set_instance_tls_fingerprint(&row.id, &fingerprint(n as u32))
+            .await
+            .unwrap();
+        assert!(published);
     }
     let metrics = Arc::new(Metrics::new().unwrap());
     let (_ready_tx, ready) = tokio::sync::watch::channel(true);
@@ -179,6 +193,7 @@ async fn errors_are_clean_json() {
     let (s, b) = post(&c, &fx, Some("user:u"), local).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["ip"], "10.0.0.1");
+    assert_eq!(b["tls_fingerprint"], fingerprint(0).as_str());
     let (_, b) = post(&c, &fx, Some("user:u"), local).await;
     assert!(b["mandelbox_id"].is_string());
     let east = Region::new("us-east-1").unwrap();
@@ -196,9 +211,73 @@ async fn errors_are_clean_json() {
         }])
         .await
         .unwrap();
+    fx.db
+        .set_instance_tls_fingerprint(
+            &InstanceId::new("i-0more00000000000").unwrap(),
+            &fingerprint(7),
+        )
+        .await
+        .unwrap();
     assert_eq!(post(&c, &fx, Some("user:u"), local).await.0, 200);
     let (s, b) = post(&c, &fx, Some("user:u"), local).await;
     assert_eq!((s, b["error"].as_str()), (503, Some("USER_ALREADY_ACTIVE")));
+}
+
+#[tokio::test]
+async fn the_answer_pins_the_hosts_certificate_and_hosts_without_a_fingerprint_are_not_ready() {
+    let fx = fixture(0, RateLimiter::new(1000.0, 1000)).await;
+    let c = reqwest::Client::new();
+    let east = Region::new("us-east-1").unwrap();
+    let id = InstanceId::new("i-0booting00000000").unwrap();
+    fx.db
+        .insert_instances(&[NewInstance {
+            id: id.clone(),
+            provider: PROVIDER.to_owned(),
+            region: east.clone(),
+            image_id: ImageId::new("ami-a").unwrap(),
+            client_sha: "abc".to_owned(),
+            ip_addr: Some(IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1))),
+            instance_type: "g4dn.2xlarge".to_owned(),
+            remaining_capacity: 2,
+            status: InstanceStatus::Active,
+        }])
+        .await
+        .unwrap();
+    // ACTIVE with room, but its json_transport certificate is not published yet.
+    let (s, b) = post(&c, &fx, Some("user:early"), BODY).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (503, Some("NO_INSTANCE_AVAILABLE")),
+        "{b}"
+    );
+    let rows = fx.db.instances_in_region(&east).await.unwrap();
+    assert_eq!(rows[0].instance.remaining_capacity, 2);
+    assert!(rows[0].mandelboxes.is_empty());
+    // Published: assigned, with the fingerprint to pin.
+    let published = "0123456789abcdef".repeat(4);
+    assert!(
+        fx.db
+            .set_instance_tls_fingerprint(&id, &published)
+            .await
+            .unwrap()
+    );
+    let (s, b) = post(&c, &fx, Some("user:early"), BODY).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["ip"], "10.0.2.1");
+    assert_eq!(b["tls_fingerprint"], published.as_str());
+    let answer: scaling_service::api::Assignment = serde_json::from_value(b).unwrap();
+    assert_eq!(answer.tls_fingerprint.as_deref(), Some(published.as_str()));
+    // The answer as the original clients read it (only `ip` and `mandelbox_id`): an unknown
+    // field changes nothing for them.
+    #[derive(serde::Deserialize)]
+    struct OriginalClientView {
+        ip: IpAddr,
+        mandelbox_id: String,
+    }
+    let (_, b) = post(&c, &fx, Some("user:later"), BODY).await;
+    let old: OriginalClientView = serde_json::from_value(b).unwrap();
+    assert_eq!(old.ip, IpAddr::V4(Ipv4Addr::new(10, 0, 2, 1)));
+    assert!(!old.mandelbox_id.is_empty());
 }
 
 #[tokio::test]

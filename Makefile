@@ -22,7 +22,7 @@ APT_PACKAGES := postgresql:initdb shellcheck:shellcheck apparmor:apparmor_parser
 OPTIONAL_APT_PACKAGES := packer
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup setup-system setup-python setup-image build run test check check-artifacts fmt clippy bench schema \
+.PHONY: help setup setup-system setup-python setup-image build run run-stack test check check-artifacts fmt clippy bench schema \
         run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb run_scaling_service_simulation
 
 help:
@@ -75,7 +75,13 @@ $(STAMPS)/mandelbox-image: devstack/mandelbox/Dockerfile devstack/mandelbox/buil
 build:
 	$(CARGO) build --workspace --all-targets
 
+# The whole system: devstack, the scaling service launching hosts into moto, and a host service
+# per launched instance (docs/walkthrough.md). `make run-stack` brings up the stack alone.
 run: setup
+	$(CARGO) build -p devstack -p host-service -p scaling-service --bins
+	$(CARGO_TARGET_DIR)/debug/whist-devstack up --system
+
+run-stack: setup
 	$(CARGO) build -p devstack
 	$(CARGO_TARGET_DIR)/debug/whist-devstack up
 
@@ -88,6 +94,7 @@ check-artifacts: setup-system setup-python
 # The artefacts' checks and the doc tests first, so the run closes with the test runner's summary
 # of the whole suite.
 test: setup check-artifacts
+	$(CARGO) build -q --workspace --bins
 	$(CARGO) test -q --workspace --doc
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) nextest run --workspace --no-fail-fast; \
@@ -111,6 +118,8 @@ bench: setup
 	$(CARGO) bench -q -p host-service --bench json_transport
 	$(CARGO) bench -q -p scaling-service --bench decision
 	$(CARGO) bench -q -p scaling-service --bench assign
+	$(CARGO) build -q --release -p host-service -p scaling-service --bins
+	$(CARGO) bench -q -p devstack --bench sessions
 
 schema:
 	$(CARGO) run -q -p devstack --bin whist-devstack -- print-schema > schema.graphql.new

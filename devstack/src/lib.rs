@@ -9,14 +9,22 @@
 //! - a fake token issuer (Auth0's JWKS and RS256 tokens with chosen claims) for tests of the
 //!   host's json_transport endpoint ([`jwks`]).
 //!
+//! On top of it, [`system`] runs the whole system on this machine (`make run`): moto prepared
+//! as the scaling service's account, the scaling service, and the [`fleet`] emulator that boots
+//! a host service for every instance launched into moto. [`invariants`] checks that the
+//! database, Docker, the hosts and moto agree (the end-to-end and chaos tests).
+//!
 //! And [`client`], a client simulator (`whist-client`): token, assign, pinned json_transport
 //! and the connection to the mandelbox, as Whist's client app does them, timed.
 
 pub mod client;
+pub mod fleet;
 pub mod hasura;
 pub mod imds;
+pub mod invariants;
 pub mod jwks;
 pub mod moto;
 pub mod postgres;
 pub mod stack;
+pub mod system;
 pub mod testing;

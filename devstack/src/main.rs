@@ -74,6 +74,25 @@ struct UpArgs {
     /// (`dev` for builds without WHIST_COMMIT).
     #[arg(long, default_value = "dev")]
     client_sha: String,
+    /// Run the whole system: also the scaling service (launching hosts into moto) and a host
+    /// service for every instance it launches (the fleet emulator). What `make run` does.
+    #[arg(long)]
+    system: bool,
+    /// With --system: regions the scaling service manages, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "us-east-1")]
+    regions: Vec<String>,
+    /// With --system: the scaling service's port.
+    #[arg(long, default_value_t = 7730)]
+    scaling_port: u16,
+    /// With --system: free mandelboxes to keep ready per region.
+    #[arg(long, default_value_t = 2)]
+    desired_free_mandelboxes: u32,
+    /// With --system: the most instances per region.
+    #[arg(long, default_value_t = 4)]
+    max_instances_per_region: u32,
+    /// With --system: write the services' logs to their files only (.devstack/...).
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -116,14 +135,18 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         create_virtualenv(&args.moto_server, &args.python_requirements).await?;
     }
     let options = StackOptions {
-        state_dir: args.state_dir,
-        moto_bin: (!args.no_moto).then_some(args.moto_server),
+        state_dir: args.state_dir.clone(),
+        moto_bin: (!args.no_moto).then_some(args.moto_server.clone()),
         graphql_port: args.graphql_port,
         control_port: args.control_port,
         admin_secret: None,
         default_identity: Identity::local(&args.instance_id, &args.region),
-        default_instance_row: (!args.no_default_instance).then_some(args.client_sha),
+        default_instance_row: (!args.no_default_instance && !args.system)
+            .then_some(args.client_sha.clone()),
     };
+    if args.system {
+        return up_system(args, options).await;
+    }
     let stack = Stack::up(options).await?;
     println!("whist-devstack is up:");
     for (name, value) in stack.env() {
@@ -138,6 +161,56 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     wait_for_stop_signal().await;
     println!("\nstopping...");
     stack.down().await?;
+    println!("stopped.");
+    Ok(())
+}
+
+async fn up_system(args: UpArgs, stack: StackOptions) -> anyhow::Result<()> {
+    use devstack::system::{System, SystemOptions};
+    anyhow::ensure!(
+        !args.no_moto,
+        "--system needs moto: it is the scaling service's EC2"
+    );
+    let mut options = SystemOptions::new(stack);
+    options.regions = args.regions.clone();
+    options.scaling_port = args.scaling_port;
+    options.desired_free_mandelboxes = args.desired_free_mandelboxes;
+    options.max_instances_per_region = args.max_instances_per_region;
+    options.echo_logs = !args.quiet;
+    let system = System::up(options).await?;
+    let env = system.stack().env();
+    println!("\nwhist is up on this machine:");
+    for (name, value) in &env {
+        if name.contains("SECRET") {
+            println!("  {name:<34} (in the env file)");
+        } else {
+            println!("  {name:<34} {value}");
+        }
+    }
+    println!("  {:<34} {}", "scaling service", system.scaling_url());
+    for region in system.regions() {
+        println!("  {:<34} AMI {}", region.region, region.image_id);
+    }
+    println!(
+        "\nThe scaling service is launching {} free mandelboxes' worth of hosts in {} (moto);",
+        args.desired_free_mandelboxes,
+        args.regions.join(", ")
+    );
+    println!("each instance boots a host service here, on its own 127.x.y.z address.");
+    println!(
+        "Logs: [scaling] and [i-...] lines below; files under {}.",
+        args.state_dir.display()
+    );
+    println!("\nIn another shell:");
+    println!("  . {}", system.stack().env_file().display());
+    println!(
+        "  {} --wait-for-capacity 120s   # one session, step by step",
+        devstack::system::bin_dir().join("whist-client").display()
+    );
+    println!("Ctrl-C stops everything (hosts drain, then the stack goes).\n");
+    wait_for_stop_signal().await;
+    println!("\nstopping...");
+    system.down().await?;
     println!("stopped.");
     Ok(())
 }

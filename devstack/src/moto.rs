@@ -80,3 +80,162 @@ impl Moto {
         let _ = self.child.kill().await;
     }
 }
+
+/// An EC2 client for moto (any credentials do: moto checks no signature).
+pub fn ec2_client(endpoint: &str, region: &str) -> aws_sdk_ec2::Client {
+    use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+    let config = aws_sdk_ec2::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .credentials_provider(Credentials::new("test", "test", None, None, "devstack"))
+        .endpoint_url(endpoint)
+        .build();
+    aws_sdk_ec2::Client::from_conf(config)
+}
+
+/// What [`seed`] prepared in one region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionSeed {
+    pub region: String,
+    /// An AMI moto knows, for the region's `whist.images` row.
+    pub image_id: String,
+    pub subnet_id: String,
+    pub security_group_id: String,
+}
+
+/// Prepares moto as the account the scaling service expects for `environment`
+/// (docs/scaling-service.md): in each region a subnet tagged `Env=<environment>`,
+/// `Terraform=true` and a security group named `MandelboxesSecurityGroup<environment>`; the IAM
+/// instance profile `whist-host-<environment>`; and picks an AMI per region. Idempotent.
+pub async fn seed(
+    endpoint: &str,
+    environment: &str,
+    regions: &[String],
+) -> anyhow::Result<Vec<RegionSeed>> {
+    use anyhow::Context as _;
+    use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+    let tags = |resource: ResourceType, tags: &[(&str, &str)]| {
+        tags.iter()
+            .fold(
+                TagSpecification::builder().resource_type(resource),
+                |b, (k, v)| b.tags(Tag::builder().key(*k).value(*v).build()),
+            )
+            .build()
+    };
+    let filter = |name: &str, value: &str| Filter::builder().name(name).values(value).build();
+    let group_name = format!("MandelboxesSecurityGroup{environment}");
+    let mut seeds = Vec::new();
+    for region in regions {
+        let ec2 = ec2_client(endpoint, region);
+        let vpcs = ec2
+            .describe_vpcs()
+            .filters(filter("is-default", "true"))
+            .send()
+            .await
+            .with_context(|| format!("moto: DescribeVpcs in {region}"))?;
+        let vpc_id = vpcs
+            .vpcs()
+            .first()
+            .and_then(|v| v.vpc_id())
+            .with_context(|| format!("moto has no default VPC in {region}"))?
+            .to_owned();
+        let subnets = ec2
+            .describe_subnets()
+            .filters(filter("tag:Env", environment))
+            .filters(filter("tag:Terraform", "true"))
+            .send()
+            .await
+            .context("moto: DescribeSubnets")?;
+        let subnet_id = match subnets.subnets().first().and_then(|s| s.subnet_id()) {
+            Some(id) => id.to_owned(),
+            None => ec2
+                .create_subnet()
+                .vpc_id(&vpc_id)
+                .cidr_block("172.31.200.0/24")
+                .tag_specifications(tags(
+                    ResourceType::Subnet,
+                    &[("Env", environment), ("Terraform", "true")],
+                ))
+                .send()
+                .await
+                .context("moto: CreateSubnet")?
+                .subnet()
+                .and_then(|s| s.subnet_id())
+                .context("moto: CreateSubnet answered no id")?
+                .to_owned(),
+        };
+        let groups = ec2
+            .describe_security_groups()
+            .filters(filter("tag:Name", &group_name))
+            .send()
+            .await
+            .context("moto: DescribeSecurityGroups")?;
+        let security_group_id = match groups.security_groups().first().and_then(|g| g.group_id()) {
+            Some(id) => id.to_owned(),
+            None => ec2
+                .create_security_group()
+                .group_name(&group_name)
+                .description("mandelboxes (devstack)")
+                .vpc_id(&vpc_id)
+                .tag_specifications(tags(ResourceType::SecurityGroup, &[("Name", &group_name)]))
+                .send()
+                .await
+                .context("moto: CreateSecurityGroup")?
+                .group_id()
+                .context("moto: CreateSecurityGroup answered no id")?
+                .to_owned(),
+        };
+        let images = ec2
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .context("moto: DescribeImages")?;
+        let mut ids: Vec<&str> = images
+            .images()
+            .iter()
+            .filter_map(|i| i.image_id())
+            .collect();
+        ids.sort_unstable();
+        let image_id = ids
+            .first()
+            .with_context(|| format!("moto has no Amazon AMI in {region}"))?
+            .to_string();
+        seeds.push(RegionSeed {
+            region: region.clone(),
+            image_id,
+            subnet_id,
+            security_group_id,
+        });
+    }
+    create_instance_profile(endpoint, &format!("whist-host-{environment}")).await?;
+    Ok(seeds)
+}
+
+/// moto refuses a launch whose instance profile its IAM does not know. One Query-API call (IAM
+/// is global; an existing profile is fine).
+async fn create_instance_profile(endpoint: &str, name: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let response = reqwest::Client::new()
+        .post(format!("{endpoint}/"))
+        .header(
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/iam/aws4_request, \
+             SignedHeaders=host, Signature=0",
+        )
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "Action=CreateInstanceProfile&InstanceProfileName={}&Version=2010-05-08",
+            url::form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
+        ))
+        .send()
+        .await
+        .context("moto: CreateInstanceProfile")?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    anyhow::ensure!(
+        status.is_success() || body.contains("EntityAlreadyExists"),
+        "moto: CreateInstanceProfile {name}: {status}: {body}"
+    );
+    Ok(())
+}

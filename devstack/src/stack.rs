@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hasura::{Hasura, HasuraOptions};
 use crate::imds::{FakeImds, Identity};
+use crate::jwks::FakeJwks;
 use crate::moto::Moto;
 use crate::postgres::Postgres;
 
@@ -57,6 +58,7 @@ pub struct Stack {
     moto: Option<Moto>,
     default_imds: FakeImds,
     extra_imds: Arc<Mutex<BTreeMap<u16, FakeImds>>>,
+    jwks: Arc<FakeJwks>,
     shutdown: CancellationToken,
     tasks: tokio_util::task::TaskTracker,
     /// Held for the stack's life: the exclusive lock on the pid file.
@@ -131,6 +133,7 @@ impl Stack {
         };
         let default_imds = FakeImds::spawn(options.default_identity.clone()).await?;
 
+        let jwks = Arc::new(FakeJwks::start().await.context("starting the fake Auth0")?);
         let extra_imds = Arc::new(Mutex::new(BTreeMap::new()));
         let control_listener = bind(options.control_port).await?;
         let control_addr = control_listener.local_addr()?;
@@ -138,7 +141,11 @@ impl Stack {
             .route("/healthz", get(|| async { "OK" }))
             .route("/imds", post(create_imds))
             .route("/imds/{port}", delete(delete_imds))
-            .with_state(extra_imds.clone());
+            .route("/token", post(issue_token))
+            .with_state(Control {
+                imds: extra_imds.clone(),
+                jwks: jwks.clone(),
+            });
         tasks.spawn({
             let token = shutdown.clone();
             async move {
@@ -161,6 +168,7 @@ impl Stack {
             moto,
             default_imds,
             extra_imds,
+            jwks,
             shutdown,
             tasks,
             _lock: lock,
@@ -186,6 +194,12 @@ impl Stack {
                 "WHIST_DEVSTACK_CONTROL_URL",
                 format!("http://{}", self.control_addr),
             ),
+            // The fake Auth0, under the names the scaling service and the host service read.
+            ("AUTH0_JWKS_URL", self.jwks.jwks_url()),
+            ("AUTH0_ISSUER", self.jwks.issuer()),
+            ("AUTH0_AUDIENCE", crate::jwks::AUDIENCE.to_owned()),
+            ("WHIST_AUTH_ISSUER", self.jwks.issuer()),
+            ("WHIST_AUTH_JWKS_URL", self.jwks.jwks_url()),
         ];
         if let Some(moto) = &self.moto {
             env.extend([
@@ -196,6 +210,29 @@ impl Stack {
             ]);
         }
         env
+    }
+
+    /// The fake Auth0 (`POST /token` on the control API signs with it).
+    pub fn jwks(&self) -> &FakeJwks {
+        &self.jwks
+    }
+
+    /// `http://127.0.0.1:PORT`: the control API (`POST /imds`, `POST /token`).
+    pub fn control_url(&self) -> String {
+        format!("http://{}", self.control_addr)
+    }
+
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// moto's endpoint, when the stack runs moto.
+    pub fn moto_endpoint(&self) -> Option<String> {
+        self.moto.as_ref().map(Moto::endpoint)
     }
 
     pub fn env_file(&self) -> PathBuf {
@@ -234,6 +271,7 @@ impl Stack {
     /// Stops everything and removes the temporary state.
     pub async fn down(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        self.jwks.stop();
         self.tasks.close();
         self.tasks.wait().await;
         if let Some(moto) = self.moto.take() {
@@ -261,8 +299,58 @@ struct ImdsCreated {
     port: u16,
 }
 
+/// The control API's state.
+#[derive(Debug, Clone)]
+struct Control {
+    imds: Arc<Mutex<BTreeMap<u16, FakeImds>>>,
+    jwks: Arc<FakeJwks>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    user_id: String,
+}
+
+/// `POST /token {"user_id"}`: what logging in to Auth0 gives the client app, an RS256 access
+/// token for that user (an hour), signed with the key the fake JWKS serves.
+async fn issue_token(State(control): State<Control>, body: axum::body::Bytes) -> impl IntoResponse {
+    let request: TokenRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(
+                    serde_json::json!({ "error": format!("expected {{\"user_id\": \"...\"}}: {error}") }),
+                ),
+            );
+        }
+    };
+    let user = request.user_id.trim();
+    if user.is_empty() || user.len() > 256 || user.chars().any(char::is_control) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": "user_id must be 1 to 256 printable characters" })),
+        );
+    }
+    match control.jwks.token(user) {
+        Ok(token) => (
+            StatusCode::CREATED,
+            Json(serde_json::json!({
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": crate::jwks::TOKEN_LIFETIME_SECONDS,
+            })),
+        ),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "error": error.to_string() })),
+        ),
+    }
+}
+
 async fn create_imds(
-    State(registry): State<Arc<Mutex<BTreeMap<u16, FakeImds>>>>,
+    State(Control { imds: registry, .. }): State<Control>,
     Json(identity): Json<Identity>,
 ) -> impl IntoResponse {
     match FakeImds::spawn(identity).await {
@@ -282,7 +370,7 @@ async fn create_imds(
 }
 
 async fn delete_imds(
-    State(registry): State<Arc<Mutex<BTreeMap<u16, FakeImds>>>>,
+    State(Control { imds: registry, .. }): State<Control>,
     UrlPath(port): UrlPath<u16>,
 ) -> impl IntoResponse {
     let removed = registry.lock().await.remove(&port);

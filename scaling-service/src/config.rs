@@ -61,6 +61,29 @@ pub struct Args {
     pub auth_audience: Option<String>,
     #[arg(long, env = "AUTH0_ISSUER")]
     pub auth_issuer: Option<String>,
+    /// Where hosts are launched: `ec2` (EC2; in local development, the EC2 API at
+    /// AWS_ENDPOINT_URL, i.e. devstack's moto) or `memory` (an in-memory cloud whose hosts never
+    /// boot; local development only). Default: `ec2`, or `memory` in local development without
+    /// AWS_ENDPOINT_URL.
+    #[arg(long, env = "WHIST_CLOUD", value_enum)]
+    pub cloud: Option<CloudKind>,
+    /// EC2 API endpoint override (moto); by default the region's public endpoint.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// IAM instance profile (name or ARN) of launched hosts; it must allow reading the admin
+    /// secret's SSM parameter. Default: `whist-host-<APP_ENV>`.
+    #[arg(long, env = "WHIST_HOST_INSTANCE_PROFILE")]
+    pub host_instance_profile: Option<String>,
+    /// SSM SecureString from which a launched host reads Hasura's admin secret (it never
+    /// travels in user data). Default: `/whist/<APP_ENV>/hasura-admin-secret`.
+    #[arg(long, env = "WHIST_HOST_ADMIN_SECRET_PARAMETER")]
+    pub host_admin_secret_parameter: Option<String>,
+    /// The Hasura URL launched hosts use. Default: HASURA_GRAPHQL_URL.
+    #[arg(long, env = "WHIST_HOST_GRAPHQL_URL")]
+    pub host_graphql_url: Option<String>,
+    /// Sentry DSN given to launched hosts.
+    #[arg(long, env = "WHIST_HOST_SENTRY_DSN", hide_env_values = true)]
+    pub host_sentry_dsn: Option<Secret<String>>,
     /// Mandelboxes one user may hold at once.
     #[arg(long, env = "MANDELBOX_LIMIT_PER_USER", default_value_t = 3)]
     pub mandelboxes_per_user: usize,
@@ -72,6 +95,32 @@ pub struct Args {
     pub assign_burst: u32,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+/// Which cloud hosts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CloudKind {
+    Ec2,
+    Memory,
+}
+
+/// What the EC2 host handlers of all regions share.
+#[derive(Debug, Clone)]
+pub struct Ec2Settings {
+    /// `Some`: a local EC2 API (moto).
+    pub endpoint_url: Option<String>,
+    pub instance_profile: String,
+    pub host_graphql_url: String,
+    pub admin_secret_parameter: String,
+    pub host_sentry_dsn: Option<Secret<String>>,
+}
+
+/// Where hosts come from.
+#[derive(Debug, Clone)]
+pub enum CloudConfig {
+    Ec2(Ec2Settings),
+    /// An in-memory cloud per region: local development only.
+    Memory,
 }
 
 /// How assign requests are authenticated.
@@ -103,6 +152,7 @@ pub struct Config {
     pub mandelboxes_per_user: usize,
     pub assign_rate: f64,
     pub assign_burst: u32,
+    pub cloud: CloudConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +173,16 @@ pub enum ConfigError {
     SchedulerInterval,
     #[error("{0} needs AUTH0_JWKS_URL, AUTH0_AUDIENCE and AUTH0_ISSUER")]
     MissingAuth(AppEnv),
+    #[error("the in-memory cloud (WHIST_CLOUD=memory) is for local development, not {0}")]
+    MemoryCloudDeployed(AppEnv),
+    #[error("localdev has no database and cannot scale: use localdevwithdb")]
+    LocalDevWithoutDb,
+    #[error("WHIST_CLOUD=ec2 in local development needs AWS_ENDPOINT_URL (devstack's moto)")]
+    LocalEc2WithoutEndpoint,
+    #[error("invalid AWS_ENDPOINT_URL {0:?}")]
+    Endpoint(String),
+    #[error("{what} must not be empty")]
+    Empty { what: &'static str },
 }
 
 impl Args {
@@ -136,6 +196,7 @@ impl Args {
                 return Err(ConfigError::MissingAdminSecret(env));
             }
         }
+        let cloud = self.cloud_config(env)?;
         let db = dbclient::DbConfig::new(&self.graphql_url, self.admin_secret)?;
         let mut regions = Vec::new();
         for r in self
@@ -186,6 +247,7 @@ impl Args {
             _ => return Err(ConfigError::MissingAuth(env)),
         };
         Ok(Config {
+            cloud,
             app_env: env,
             port: self.port,
             auth,
@@ -201,6 +263,69 @@ impl Args {
             images,
             scheduler_interval: std::time::Duration::from_secs(self.scheduler_interval_secs),
         })
+    }
+}
+
+impl Args {
+    fn cloud_config(&self, env: AppEnv) -> Result<CloudConfig, ConfigError> {
+        let endpoint = self
+            .aws_endpoint_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty());
+        let kind = self.cloud.unwrap_or(match (env.is_local(), endpoint) {
+            (true, None) => CloudKind::Memory,
+            _ => CloudKind::Ec2,
+        });
+        match kind {
+            CloudKind::Memory if !env.is_local() => Err(ConfigError::MemoryCloudDeployed(env)),
+            CloudKind::Memory => Ok(CloudConfig::Memory),
+            CloudKind::Ec2 => {
+                if env == AppEnv::LocalDev {
+                    return Err(ConfigError::LocalDevWithoutDb);
+                }
+                if env.is_local() && endpoint.is_none() {
+                    return Err(ConfigError::LocalEc2WithoutEndpoint);
+                }
+                if let Some(url) = endpoint
+                    && url::Url::parse(url).is_err()
+                {
+                    return Err(ConfigError::Endpoint(url.to_owned()));
+                }
+                let non_empty =
+                    |value: &Option<String>, what: &'static str, default: String| match value
+                        .as_deref()
+                        .map(str::trim)
+                    {
+                        None => Ok(default),
+                        Some("") => Err(ConfigError::Empty { what }),
+                        Some(v) => Ok(v.to_owned()),
+                    };
+                let host_graphql_url = non_empty(
+                    &self.host_graphql_url,
+                    "WHIST_HOST_GRAPHQL_URL",
+                    self.graphql_url.clone(),
+                )?;
+                if !env.is_local() && !host_graphql_url.starts_with("https://") {
+                    return Err(ConfigError::InsecureGraphqlUrl(env));
+                }
+                Ok(CloudConfig::Ec2(Ec2Settings {
+                    endpoint_url: endpoint.map(str::to_owned),
+                    instance_profile: non_empty(
+                        &self.host_instance_profile,
+                        "WHIST_HOST_INSTANCE_PROFILE",
+                        format!("whist-host-{env}"),
+                    )?,
+                    host_graphql_url,
+                    admin_secret_parameter: non_empty(
+                        &self.host_admin_secret_parameter,
+                        "WHIST_HOST_ADMIN_SECRET_PARAMETER",
+                        format!("/whist/{env}/hasura-admin-secret"),
+                    )?,
+                    host_sentry_dsn: self.host_sentry_dsn.clone(),
+                }))
+            }
+        }
     }
 }
 
@@ -270,5 +395,60 @@ mod tests {
         ])
         .unwrap();
         assert!(!format!("{c:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn the_cloud_follows_the_environment_and_refuses_the_memory_cloud_when_deployed() {
+        let local = [
+            "--app-env",
+            "localdevwithdb",
+            "--graphql-url",
+            "http://h/v1/graphql",
+        ];
+        assert!(matches!(parse(&local).unwrap().cloud, CloudConfig::Memory));
+        let mut with_moto = local.to_vec();
+        with_moto.extend(["--aws-endpoint-url", "http://127.0.0.1:5000"]);
+        let CloudConfig::Ec2(ec2) = parse(&with_moto).unwrap().cloud else {
+            panic!("moto's endpoint selects EC2");
+        };
+        assert_eq!(ec2.endpoint_url.as_deref(), Some("http://127.0.0.1:5000"));
+        assert_eq!(ec2.instance_profile, "whist-host-localdevwithdb");
+        assert_eq!(ec2.host_graphql_url, "http://h/v1/graphql");
+        let mut ec2_no_endpoint = local.to_vec();
+        ec2_no_endpoint.extend(["--cloud", "ec2"]);
+        assert!(
+            parse(&ec2_no_endpoint)
+                .unwrap_err()
+                .contains("AWS_ENDPOINT_URL")
+        );
+
+        let prod = [
+            "--app-env",
+            "prod",
+            "--graphql-url",
+            "https://h/v1/graphql",
+            "--admin-secret",
+            "s",
+            "--auth-jwks-url",
+            "https://issuer.example/.well-known/jwks.json",
+            "--auth-audience",
+            "a",
+            "--auth-issuer",
+            "https://issuer.example/",
+        ];
+        let CloudConfig::Ec2(ec2) = parse(&prod).unwrap().cloud else {
+            panic!("production launches into EC2");
+        };
+        assert_eq!(ec2.endpoint_url, None);
+        assert_eq!(
+            ec2.admin_secret_parameter,
+            "/whist/prod/hasura-admin-secret"
+        );
+        let mut memory = prod.to_vec();
+        memory.extend(["--cloud", "memory"]);
+        assert!(parse(&memory).unwrap_err().contains("in-memory"));
+        let mut plain_http_hosts = prod.to_vec();
+        plain_http_hosts.extend(["--host-graphql-url", "http://h/v1/graphql"]);
+        assert!(parse(&plain_http_hosts).unwrap_err().contains("https"));
     }
 }

@@ -7,9 +7,9 @@
 //! through a [`hosts::HostHandler`] and `dbclient`. `simulate` (see [`simulation`]) runs the
 //! default algorithm offline against a demand trace.
 //!
-//! Reads: `APP_ENV`, `HASURA_GRAPHQL_URL`, `HASURA_ADMIN_SECRET`, `WHIST_REGIONS`, logging
-//! settings (see `--help`). Exit codes: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on bad
-//! configuration.
+//! Reads: `APP_ENV`, `HASURA_GRAPHQL_URL`, `HASURA_ADMIN_SECRET`, `WHIST_REGIONS`, the cloud
+//! (`WHIST_CLOUD`, `AWS_ENDPOINT_URL`, `WHIST_HOST_*`), logging settings (see `--help`). Exit
+//! codes: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on bad configuration.
 
 pub mod algorithm;
 pub mod api;
@@ -24,6 +24,7 @@ pub mod simulation;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use dbclient::types::Region;
 use dbclient::{DbClient, SubscriptionClient};
 use futures::StreamExt;
@@ -34,8 +35,9 @@ use tokio_util::task::TaskTracker;
 use crate::algorithm::{AlgorithmConfig, DefaultAlgorithm, mandelbox_capacity};
 use crate::api::{ApiState, Assigner, RateLimiter};
 use crate::auth::{JwksVerifier, StaticVerifier, TokenVerifier};
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, CloudConfig};
 use crate::hosts::HostHandler;
+use crate::hosts::ec2::{AdminSecret, Ec2Config, Ec2HostHandler, HostServiceSettings};
 use crate::hosts::fake::FakeHostHandler;
 use crate::lease::{LeaseKeeper, LeaseSettings};
 use crate::metrics::Metrics;
@@ -43,25 +45,58 @@ use crate::region::{EVENT_QUEUE, Event, RegionController, RegionSettings};
 
 pub use config::Config;
 
-/// Runs until `shutdown` is cancelled. Local environments use an in-memory cloud per region
-/// (like the original's localdev fakes); deployed ones need the EC2 host handler, passed in
-/// through [`run_with_hosts`].
+/// Runs until `shutdown` is cancelled, launching hosts where [`Config::cloud`] says: EC2 (or
+/// devstack's moto in local development), or an in-memory cloud per region (local development
+/// only, like the original's localdev fakes).
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if !config.app_env.is_local() {
-        anyhow::bail!(
-            "{} needs the EC2 host handler: start the service through run_with_hosts",
-            config.app_env
-        );
-    }
-    let hosts = config
-        .regions
-        .iter()
-        .map(|r| {
-            let handler: Arc<dyn HostHandler> = Arc::new(FakeHostHandler::new(r.clone()));
-            (r.clone(), handler)
-        })
-        .collect();
+    let hosts = host_handlers(&config).await?;
     run_with_hosts(config, hosts, shutdown).await
+}
+
+/// One host handler per configured region. An EC2 handler resolves its subnet and security
+/// group at once, so a misconfigured account fails the start rather than the first launch.
+pub async fn host_handlers(
+    config: &Config,
+) -> anyhow::Result<HashMap<Region, Arc<dyn HostHandler>>> {
+    let mut hosts: HashMap<Region, Arc<dyn HostHandler>> = HashMap::new();
+    for region in &config.regions {
+        let handler: Arc<dyn HostHandler> = match &config.cloud {
+            CloudConfig::Memory => Arc::new(FakeHostHandler::new(region.clone())),
+            CloudConfig::Ec2(settings) => {
+                let mut ec2 = Ec2Config::new(
+                    region.clone(),
+                    config.app_env.as_str(),
+                    settings.instance_profile.clone(),
+                    HostServiceSettings {
+                        hasura_graphql_url: settings.host_graphql_url.clone(),
+                        admin_secret: AdminSecret::SsmParameter(
+                            settings.admin_secret_parameter.clone(),
+                        ),
+                        sentry_dsn: settings
+                            .host_sentry_dsn
+                            .as_ref()
+                            .map(|dsn| dsn.expose().clone()),
+                        image_registry: None,
+                        log_filter: None,
+                        ops_addr: None,
+                        extra: Default::default(),
+                    },
+                );
+                ec2.endpoint_url = settings.endpoint_url.clone();
+                let handler = Ec2HostHandler::new(ec2)
+                    .await
+                    .with_context(|| format!("EC2 settings for {region}"))?;
+                handler
+                    .check()
+                    .await
+                    .with_context(|| format!("EC2 in {region}: subnet and security group"))?;
+                tracing::info!(%region, endpoint = ?settings.endpoint_url, "EC2 host handler ready");
+                Arc::new(handler)
+            }
+        };
+        hosts.insert(region.clone(), handler);
+    }
+    Ok(hosts)
 }
 
 /// Runs one controller per configured region over the given host handlers until `shutdown`;

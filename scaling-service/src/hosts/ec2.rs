@@ -240,8 +240,10 @@ impl Ec2Config {
 /// Why an [`Ec2HostHandler`] cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum Ec2ConfigError {
-    #[error("environment {0:?} must be dev, staging or prod")]
+    #[error("environment {0:?} must be dev, staging or prod (or localdevwithdb against moto)")]
     Environment(String),
+    #[error("localdevwithdb launches only into a local EC2 endpoint (moto): set AWS_ENDPOINT_URL")]
+    LocalWithoutEndpoint,
     #[error("instance profile must not be empty")]
     InstanceProfile,
     #[error("user data value {name} is not allowed: {reason}")]
@@ -298,8 +300,14 @@ impl Ec2HostHandler {
     /// Builds the client and renders the user data. Makes no AWS call: the subnet and security
     /// group are looked up on first use (or by [`Ec2HostHandler::check`]).
     pub async fn new(config: Ec2Config) -> Result<Self, Ec2ConfigError> {
-        if !matches!(config.environment.as_str(), "dev" | "staging" | "prod") {
+        // The local stack (`localdevwithdb`) launches into moto only: its hosts are this
+        // machine's processes, so its user data is never run and may name an http:// Hasura.
+        let local = config.environment == "localdevwithdb";
+        if !local && !matches!(config.environment.as_str(), "dev" | "staging" | "prod") {
             return Err(Ec2ConfigError::Environment(config.environment));
+        }
+        if local && config.endpoint_url.is_none() {
+            return Err(Ec2ConfigError::LocalWithoutEndpoint);
         }
         if config.instance_profile.trim().is_empty() {
             return Err(Ec2ConfigError::InstanceProfile);
@@ -314,7 +322,7 @@ impl Ec2HostHandler {
         }
         let user_data = render_user_data(
             USER_DATA_TEMPLATE,
-            &user_data_values(&config.environment, &config.host_service)?,
+            &user_data_values(&config.environment, &config.host_service, local)?,
         )?;
         if user_data.len() > MAX_USER_DATA_BYTES {
             return Err(Ec2ConfigError::UserDataTooLarge {
@@ -1093,6 +1101,7 @@ fn network(operation: &'static str, message: String) -> HostError {
 fn user_data_values(
     environment: &str,
     settings: &HostServiceSettings,
+    allow_http: bool,
 ) -> Result<BTreeMap<String, String>, Ec2ConfigError> {
     let (ssm_parameter, inline_secret) = match &settings.admin_secret {
         AdminSecret::SsmParameter(name) => (name.clone(), String::new()),
@@ -1104,7 +1113,9 @@ fn user_data_values(
             reason: "neither an SSM parameter nor a secret is set",
         });
     }
-    if !settings.hasura_graphql_url.starts_with("https://") {
+    let url = &settings.hasura_graphql_url;
+    let secure = url.starts_with("https://");
+    if !(secure || allow_http && url.starts_with("http://")) {
         return Err(Ec2ConfigError::UserDataValue {
             name: "HASURA_GRAPHQL_URL".to_owned(),
             reason: "must be an https:// URL",
@@ -1239,7 +1250,7 @@ mod tests {
 
     #[test]
     fn real_template_renders_with_no_placeholder_left() {
-        let values = user_data_values("dev", &settings()).unwrap();
+        let values = user_data_values("dev", &settings(), false).unwrap();
         let rendered = render_user_data(USER_DATA_TEMPLATE, &values).unwrap();
         assert!(!rendered.contains("{{"), "placeholder left in user data");
         assert!(rendered.contains("APP_ENV='dev'"));
@@ -1250,7 +1261,7 @@ mod tests {
 
     #[test]
     fn unknown_placeholder_is_refused_by_name() {
-        let values = user_data_values("dev", &settings()).unwrap();
+        let values = user_data_values("dev", &settings(), false).unwrap();
         let error = render_user_data("X='{{NEW_THING}}'", &values).unwrap_err();
         assert!(error.to_string().contains("{{NEW_THING}}"), "{error}");
     }
@@ -1260,12 +1271,12 @@ mod tests {
         let mut bad = settings();
         bad.log_filter = Some("info' ; rm -rf / ; '".to_owned());
         assert!(matches!(
-            user_data_values("dev", &bad),
+            user_data_values("dev", &bad, false),
             Err(Ec2ConfigError::UserDataValue { name, .. }) if name == "WHIST_LOG"
         ));
         let mut bad = settings();
         bad.sentry_dsn = Some("a\nb".to_owned());
-        assert!(user_data_values("dev", &bad).is_err());
+        assert!(user_data_values("dev", &bad, false).is_err());
     }
 
     #[test]

@@ -1,0 +1,344 @@
+//! The whole system end to end, as `make run` runs it: devstack, the scaling service launching
+//! hosts into moto, a host service per launched instance on this machine's Docker Engine, and a
+//! client doing what the client app does. Each step is asserted in the database, in Docker and
+//! in moto: scale-up from zero, host ACTIVE, assignment, container running with its config,
+//! buffer refilled, teardown after the client leaves, scale-down with drain and termination.
+//!
+//! Needs the workspace's binaries (`cargo build --bins`; `make test` builds them), Docker with
+//! the mandelbox test image (`make setup`) and moto in `.venv`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{Filter, InstanceStateName};
+use devstack::client::{Client, ClientOptions, SessionOptions};
+use devstack::fleet::{HostInfo, LABEL_INSTANCE_ID, MANAGED_BY, TAG_MANAGED_BY};
+use devstack::imds::Identity;
+use devstack::stack::StackOptions;
+use devstack::system::{HOST_CAPACITY, System, SystemOptions};
+
+/// Bound on every wait: host boots take seconds here; a loaded 2-core CI machine is slower.
+const STEP_DEADLINE: Duration = Duration::from_secs(120);
+const REGION: &str = "us-east-1";
+
+fn moto_bin() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../.venv/bin/moto_server"
+    ))
+}
+
+/// Polls `probe` until it returns `Some`, failing the test with `what` and the services' logs
+/// after [`STEP_DEADLINE`].
+async fn wait_for<T, F, Fut>(system: &System, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        if started.elapsed() > STEP_DEADLINE {
+            dump_logs(system);
+            panic!("timed out after {STEP_DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn dump_logs(system: &System) {
+    let tail = |path: &std::path::Path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    };
+    eprintln!("--- scaling service ---\n{}", tail(system.scaling_log()));
+    for host in system.fleet().hosts() {
+        eprintln!("--- host {} ---\n{}", host.instance_id, tail(&host.log));
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Row {
+    id: String,
+    status: String,
+    ip: Option<String>,
+    remaining_capacity: i32,
+    fingerprint: Option<String>,
+}
+
+async fn instance_rows(sql: &tokio_postgres::Client) -> Vec<Row> {
+    sql.query(
+        "SELECT id, status, host(ip_addr), remaining_capacity, tls_fingerprint \
+         FROM whist.instances ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| Row {
+        id: r.get(0),
+        status: r.get(1),
+        ip: r.get(2),
+        remaining_capacity: r.get(3),
+        fingerprint: r.get(4),
+    })
+    .collect()
+}
+
+async fn mandelbox_rows(sql: &tokio_postgres::Client) -> Vec<(uuid::Uuid, String, String, String)> {
+    sql.query(
+        "SELECT id, instance_id, user_id, status FROM whist.mandelboxes ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
+}
+
+/// Managed instances in moto by state.
+async fn moto_instances(ec2: &aws_sdk_ec2::Client) -> Vec<(String, InstanceStateName)> {
+    let out = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{TAG_MANAGED_BY}"))
+                .values(MANAGED_BY)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut instances: Vec<(String, InstanceStateName)> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap().to_owned(),
+                i.state().and_then(|s| s.name()).unwrap().clone(),
+            )
+        })
+        .collect();
+    instances.sort_by(|a, b| a.0.cmp(&b.0));
+    instances
+}
+
+fn running(instances: &[(String, InstanceStateName)]) -> BTreeSet<String> {
+    instances
+        .iter()
+        .filter(|(_, s)| *s == InstanceStateName::Running)
+        .map(|(id, _)| id.clone())
+        .collect()
+}
+
+/// Containers labelled with an instance id, with their state (`docker ps -a`).
+fn containers_of(instance_id: &str) -> Vec<(String, String)> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.ID}} {{.State}}", "--filter"])
+        .arg(format!("label={LABEL_INSTANCE_ID}={instance_id}"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker ps failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(id, state)| (id.to_owned(), state.to_owned()))
+        .collect()
+}
+
+fn active(rows: &[Row]) -> Vec<Row> {
+    rows.iter()
+        .filter(|r| r.status == "ACTIVE" && r.fingerprint.is_some())
+        .cloned()
+        .collect()
+}
+
+fn host_of<'a>(hosts: &'a [HostInfo], id: &str) -> &'a HostInfo {
+    hosts
+        .iter()
+        .find(|h| h.instance_id == id)
+        .unwrap_or_else(|| panic!("the fleet never booted {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_from_scale_up_to_scale_down() {
+    let state = tempfile::tempdir().unwrap();
+    let mut options = SystemOptions::new(StackOptions {
+        state_dir: state.path().to_owned(),
+        moto_bin: Some(moto_bin()),
+        graphql_port: 0,
+        control_port: 0,
+        admin_secret: None,
+        default_identity: Identity::local("i-0e2e000000000000", REGION),
+        default_instance_row: None,
+    });
+    options.regions = vec![REGION.to_owned()];
+    options.desired_free_mandelboxes = HOST_CAPACITY;
+    options.max_instances_per_region = 3;
+    options.scheduler_interval_secs = 2;
+    options.host_stop_grace = Duration::from_secs(20);
+    let system = System::up(options).await.unwrap();
+    let sql = devstack::postgres::connect(system.stack().database_url())
+        .await
+        .unwrap();
+    let ec2 = devstack::moto::ec2_client(&system.stack().moto_endpoint().unwrap(), REGION);
+
+    // 1. From zero to the buffer: one instance (2 slots) launched in moto, booted by the fleet,
+    //    registered ACTIVE with its own address and its certificate's fingerprint.
+    let first = wait_for(&system, "the first host to be ACTIVE", || async {
+        let rows = active(&instance_rows(&sql).await);
+        (rows.len() == 1).then(|| rows[0].clone())
+    })
+    .await;
+    let moto = moto_instances(&ec2).await;
+    assert_eq!(
+        running(&moto),
+        BTreeSet::from([first.id.clone()]),
+        "moto and the rows agree"
+    );
+    let hosts = system.fleet().hosts();
+    let first_host = host_of(&hosts, &first.id);
+    assert_eq!(
+        first.ip.as_deref(),
+        Some(first_host.ip.to_string().as_str())
+    );
+    assert_eq!(first.remaining_capacity, HOST_CAPACITY as i32);
+    assert!(first_host.pid.is_some(), "its host service runs");
+
+    // 2. A session: token, assign, json_transport (pinned), connect.
+    let client = Client::new(ClientOptions {
+        scaling_url: system.scaling_url().to_owned(),
+        control_url: Some(system.stack().control_url()),
+        regions: vec![REGION.to_owned()],
+        ..ClientOptions::default()
+    })
+    .unwrap();
+    let user = "e2e-user-1";
+    let token = client.token(user).await.unwrap();
+    let request = client.assign_request(None);
+    let (assignment, _) = client
+        .assign_waiting(&token, &request, Some(STEP_DEADLINE))
+        .await
+        .unwrap();
+    assert_eq!(assignment.ip.to_string(), first_host.ip.to_string());
+    assert_eq!(assignment.tls_fingerprint, first.fingerprint);
+    let mandelboxes = mandelbox_rows(&sql).await;
+    assert_eq!(mandelboxes.len(), 1);
+    assert_eq!(mandelboxes[0].0, assignment.mandelbox_id);
+    assert_eq!(
+        (mandelboxes[0].1.as_str(), mandelboxes[0].2.as_str()),
+        (first.id.as_str(), user)
+    );
+
+    let settings = SessionOptions::new(user).json_data;
+    let answer = client
+        .json_transport(&assignment, &token, &settings)
+        .await
+        .unwrap();
+    let port = answer
+        .port(32273)
+        .expect("the answer names the session port");
+    let connection = client.connect(assignment.ip, port).await.unwrap();
+    let greeting = connection
+        .first_line_json()
+        .expect("the mandelbox answers JSON");
+    assert!(greeting.is_object(), "{greeting}");
+
+    // The mandelbox runs: its row RUNNING, its container running on that host, its config
+    // written byte for byte.
+    wait_for(&system, "the mandelbox row to be RUNNING", || async {
+        let rows = mandelbox_rows(&sql).await;
+        (rows.len() == 1 && rows[0].3 == "RUNNING").then_some(())
+    })
+    .await;
+    let containers = containers_of(&first.id);
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].1, "running");
+    let config = first_host
+        .root
+        .join(assignment.mandelbox_id.to_string())
+        .join("mandelboxResourceMappings/config.json");
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), settings);
+
+    // 3. The buffer is refilled: one slot left < 2, so a second host comes up.
+    let second = wait_for(
+        &system,
+        "a second ACTIVE host (buffer refilled)",
+        || async {
+            let rows = active(&instance_rows(&sql).await);
+            (rows.len() == 2).then(|| rows.into_iter().find(|r| r.id != first.id).unwrap())
+        },
+    )
+    .await;
+    assert_eq!(
+        running(&moto_instances(&ec2).await),
+        BTreeSet::from([first.id.clone(), second.id.clone()])
+    );
+    assert_ne!(second.ip, first.ip, "every host has its own address");
+
+    // 4. The client leaves: the mandelbox is torn down (row, container, files) and its slot
+    //    comes back.
+    connection.close().await;
+    wait_for(&system, "the mandelbox to be torn down", || async {
+        let gone = mandelbox_rows(&sql).await.is_empty() && containers_of(&first.id).is_empty();
+        gone.then_some(())
+    })
+    .await;
+    assert!(
+        !first_host
+            .root
+            .join(assignment.mandelbox_id.to_string())
+            .exists()
+    );
+
+    // 5. Demand is over: 4 free slots > 2, so one host is drained, exits, and its instance is
+    //    terminated; the other stays with the buffer.
+    let (kept, gone) = wait_for(&system, "scale-down to one host", || async {
+        let rows = instance_rows(&sql).await;
+        let moto = moto_instances(&ec2).await;
+        let running = running(&moto);
+        if rows.len() != 1 || running.len() != 1 || !running.contains(&rows[0].id) {
+            return None;
+        }
+        let gone = if rows[0].id == first.id {
+            &second
+        } else {
+            &first
+        };
+        let terminated = moto
+            .iter()
+            .any(|(id, s)| *id == gone.id && *s == InstanceStateName::Terminated);
+        terminated.then(|| (rows[0].clone(), gone.clone()))
+    })
+    .await;
+    assert_eq!(kept.status, "ACTIVE");
+    assert_eq!(kept.remaining_capacity, HOST_CAPACITY as i32);
+    let drained = wait_for(&system, "the drained host to power off", || async {
+        system.fleet().host(&gone.id).filter(|h| h.powered_off)
+    })
+    .await;
+    assert_eq!(
+        drained.exits.first(),
+        Some(&Some(0)),
+        "the drained host service exited cleanly: {:?}",
+        drained.exits
+    );
+    assert_eq!(drained.starts, 1, "it never crashed");
+    assert!(containers_of(&gone.id).is_empty());
+
+    let (report, _) = devstack::invariants::settle(&system, STEP_DEADLINE).await;
+    assert!(report.holds(), "{:#?}", report.violations);
+
+    system.down().await.unwrap();
+    // Everything stopped with the system: no container of any of its hosts is left.
+    assert!(containers_of(&first.id).is_empty() && containers_of(&second.id).is_empty());
+}

@@ -1,5 +1,5 @@
 # whist-backend. The two commands for a fresh machine:
-#   make run    brings the local stack up (Ctrl-C stops it)
+#   make run    runs the whole system on this machine (Ctrl-C stops it)
 #   make test   runs the whole test suite
 # Both install what they need (Debian packages, the Python virtualenv) idempotently.
 
@@ -22,11 +22,13 @@ APT_PACKAGES := postgresql:initdb shellcheck:shellcheck apparmor:apparmor_parser
 OPTIONAL_APT_PACKAGES := packer
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup setup-system setup-python setup-image build run run-stack test check check-artifacts fmt clippy bench schema \
+.PHONY: help setup setup-system setup-python setup-image build run run-stack chaos test check check-artifacts fmt clippy bench schema \
         run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb run_scaling_service_simulation
 
 help:
-	@echo "make run     start the local stack (PostgreSQL, GraphQL, moto, fake IMDS); Ctrl-C stops it"
+	@echo "make run     run the whole system: the stack, the scaling service, a host service per launched instance; Ctrl-C stops it"
+	@echo "make run-stack  the stack alone (PostgreSQL, GraphQL, moto, fake IMDS and Auth0)"
+	@echo "make chaos   the reliability suite in full; rewrites the figures in docs/reliability.md"
 	@echo "make test    run the whole test suite (installs what it needs)"
 	@echo "make check   cargo fmt --check + clippy -D warnings + make test"
 	@echo "make bench   print the benchmarks' figures"
@@ -110,6 +112,15 @@ clippy:
 
 check: fmt clippy test
 
+# The reliability suite in full (`make test` runs its short form), then its figures into
+# docs/reliability.md: the table is the suite's output, never typed by hand.
+CHAOS_REPORT := $(CARGO_TARGET_DIR)/chaos-report
+chaos: setup
+	$(CARGO) build -q --workspace --bins
+	rm -rf $(CHAOS_REPORT)
+	WHIST_CHAOS=full WHIST_CHAOS_REPORT_DIR=$(CHAOS_REPORT) $(CARGO) nextest run -p devstack --test chaos --no-fail-fast
+	$(CARGO_TARGET_DIR)/debug/whist-devstack chaos-report $(CHAOS_REPORT) docs/reliability.md
+
 # Each benchmark prints its figures; docs/performance.md records them with the goals.
 bench: setup
 	$(CARGO) build -q --release -p host-service --bin whist-host-service
@@ -125,22 +136,22 @@ schema:
 	$(CARGO) run -q -p devstack --bin whist-devstack -- print-schema > schema.graphql.new
 	mv schema.graphql.new schema.graphql
 
-# The services against the local stack: start `make run` first, in another terminal. The host
+# The services against the local stack: start `make run-stack` first, in another terminal. The host
 # service takes the stack's default identity (its fake IMDS) and keeps its files in .devstack/whist.
 HOST_SERVICE_LOCAL := WHIST_ROOT=$(CURDIR)/.devstack/whist WHIST_GPU_OVERRIDE=2 WHIST_OPS_ADDR=127.0.0.1:4679
 
 run_host_service_localdevwithdb:
-	@test -f .devstack/env || { echo "start the stack first: make run"; exit 1; }
+	@test -f .devstack/env || { echo "start the stack first: make run-stack"; exit 1; }
 	$(CARGO) build -p host-service --bin whist-host-service
 	. .devstack/env && APP_ENV=localdevwithdb $(HOST_SERVICE_LOCAL) $(CARGO_TARGET_DIR)/debug/whist-host-service
 
 run_host_service:
-	@test -f .devstack/env || { echo "start the stack first: make run (the host reads its identity from its fake IMDS)"; exit 1; }
+	@test -f .devstack/env || { echo "start the stack first: make run-stack (the host reads its identity from its fake IMDS)"; exit 1; }
 	$(CARGO) build -p host-service --bin whist-host-service
 	. .devstack/env && APP_ENV=localdev $(HOST_SERVICE_LOCAL) $(CARGO_TARGET_DIR)/debug/whist-host-service
 
 run_scaling_service_localdevwithdb:
-	@test -f .devstack/env || { echo "start the stack first: make run"; exit 1; }
+	@test -f .devstack/env || { echo "start the stack first: make run-stack"; exit 1; }
 	. .devstack/env && APP_ENV=localdevwithdb $(CARGO) run -p scaling-service --bin whist-scaling-service
 
 run_scaling_service: run_scaling_service_localdevwithdb

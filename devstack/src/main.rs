@@ -24,7 +24,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log filter (EnvFilter syntax).
-    #[arg(long, env = "WHIST_LOG", default_value = "info", global = true)]
+    #[arg(long, env = "WHIST_LOG", default_value = "info,tokio_postgres=warn", global = true)]
     log: String,
 }
 
@@ -34,6 +34,14 @@ enum Command {
     Up(UpArgs),
     /// Print the GraphQL schema generated from the migrations.
     PrintSchema,
+    /// Write the chaos suite's figures (its JSON files) into a Markdown document, between the
+    /// `<!-- chaos:begin -->` and `<!-- chaos:end -->` markers.
+    ChaosReport {
+        /// Directory of the scenarios' JSON files (`WHIST_CHAOS_REPORT_DIR` of the run).
+        from: PathBuf,
+        /// The document to update (docs/reliability.md).
+        doc: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +127,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up(args).await,
             Command::PrintSchema => print_schema().await,
+            Command::ChaosReport { from, doc } => devstack::chaos_report::write(&from, &doc),
         }
     });
     match result {

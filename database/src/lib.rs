@@ -54,6 +54,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "scaling_lease",
         sql: include_str!("../migrations/0003_scaling_lease.sql"),
     },
+    Migration {
+        version: 4,
+        name: "scaling_launches",
+        sql: include_str!("../migrations/0004_scaling_launches.sql"),
+    },
 ];
 
 /// The Hasura metadata (the `args` of a `replace_metadata` call) that tracks the `whist` tables

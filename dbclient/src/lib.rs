@@ -59,6 +59,7 @@ pub mod error;
 pub mod graphql;
 pub mod images;
 pub mod instances;
+pub mod launches;
 pub mod leases;
 pub mod mandelboxes;
 pub mod subscriptions;
@@ -68,6 +69,7 @@ pub mod types;
 pub use client::DbClient;
 pub use config::{ConfigError, DbConfig};
 pub use error::{ConstraintKind, DbError, NetworkErrorKind};
+pub use launches::{LaunchRecord, NewLaunchRecord};
 pub use subscriptions::{ConnectionState, SnapshotStream, SubscriptionClient};
 pub use types::{
     Image, ImageId, Instance, InstanceId, InstanceStatus, InstanceWithMandelboxes, Mandelbox,

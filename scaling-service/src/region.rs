@@ -7,6 +7,12 @@
 //! report back; until then the launch counts as pending capacity and the instance as busy, so
 //! the next plan neither repeats nor contradicts them. On shutdown the controller stops taking
 //! events and lets in-flight launches finish (each is bounded by its own wait timeout).
+//!
+//! A launch is recorded in the database (`whist.scaling_launches`) before anything is launched
+//! and the record is deleted once the instances' rows are in. A controller that starts, or
+//! becomes the leader, resumes every record of its region: the launch is idempotent per launch
+//! id, so a process killed between RunInstances and the row insert leaves instances that the
+//! next one adopts instead of terminating them as orphans.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -14,6 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use dbclient::DbClient;
+use dbclient::launches::{LaunchRecord, NewLaunchRecord};
 use dbclient::types::{
     Image, ImageId, InstanceId, InstanceStatus, InstanceWithMandelboxes, MandelboxStatus,
     NewInstance, Region,
@@ -23,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::algorithm::{Action, InstanceView, PendingLaunch, ScalingAlgorithm, Snapshot};
-use crate::hosts::{HostError, HostHandler, HostState, LaunchRequest};
+use crate::hosts::{HostError, HostHandler, HostInstance, HostState, LaunchRequest};
 use crate::metrics::Metrics;
 
 /// The provider written into instance and image rows.
@@ -55,6 +62,9 @@ pub struct RegionSettings {
     pub orphan_grace: Duration,
     /// How long shutdown waits for in-flight launches.
     pub shutdown_grace: Duration,
+    /// A resumed launch record older than this whose launch finds no instance is deleted
+    /// instead of launching: the decision it recorded is stale.
+    pub launch_record_limit: Duration,
 }
 
 impl RegionSettings {
@@ -69,6 +79,7 @@ impl RegionSettings {
             wait_terminated: Duration::from_secs(5 * 60),
             orphan_grace: Duration::from_secs(10 * 60),
             shutdown_grace: Duration::from_secs(6 * 60),
+            launch_record_limit: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -139,6 +150,9 @@ pub struct RegionController {
     done_rx: mpsc::Receiver<Done>,
     leader: Option<watch::Receiver<bool>>,
     metrics: Option<Arc<Metrics>>,
+    /// The region's launch records must be loaded (and resumed) before the next plan: at start
+    /// and whenever this replica has not been the leader.
+    needs_resume: bool,
 }
 
 impl RegionController {
@@ -165,6 +179,7 @@ impl RegionController {
             done_rx,
             leader: None,
             metrics: None,
+            needs_resume: true,
         }
     }
 
@@ -278,7 +293,16 @@ impl RegionController {
     /// Reads the region, plans, carries the plan out. Returns when to look again.
     pub async fn step(&mut self) -> Duration {
         if !self.is_leader() {
+            // Another replica may have left launch records behind by the time this one leads.
+            self.needs_resume = true;
             return NOT_LEADER_RECHECK;
+        }
+        if self.needs_resume
+            && let Err(error) = self.resume_launches().await
+        {
+            // Planning without the recorded launches could launch their capacity twice.
+            tracing::warn!(region = %self.region(), %error, "cannot load the launch records");
+            return RETRY_AFTER_ERROR;
         }
         match self.try_step().await {
             Ok(wait) => wait,
@@ -349,24 +373,24 @@ impl RegionController {
         let region = self.shared.settings.region.clone();
         match action {
             Action::Launch { count, image_id } => {
-                // The id is recorded (as pending) before anything is launched: a retry of the
-                // same launch finds what it launched instead of launching again.
-                let launch = PendingLaunch {
-                    launch_id: format!("{}-{}", region, uuid_like()),
-                    image_id,
-                    count,
-                    started_at: Utc::now(),
-                };
-                tracing::info!(%region, launch.id = %launch.launch_id, count, image = %launch.image_id, "launching");
-                self.pending
-                    .insert(launch.launch_id.clone(), launch.clone());
-                let shared = self.shared.clone();
-                let done = self.done_tx.clone();
-                self.tasks.spawn(async move {
-                    let launch_id = launch.launch_id.clone();
-                    let result = run_launch(&shared, &launch).await;
-                    let _ = done.send(Done::Launch { launch_id, result }).await;
-                });
+                // The launch is recorded in the database before anything is launched: a retry
+                // of the same launch id, in this process or the next after a crash, finds what
+                // it launched instead of launching again. No record, no launch.
+                let settings = &self.shared.settings;
+                let record = self
+                    .shared
+                    .db
+                    .insert_launch_record(&NewLaunchRecord {
+                        launch_id: format!("{}-{}", region, uuid_like()),
+                        region: region.clone(),
+                        image_id,
+                        instance_type: settings.instance_type.clone(),
+                        count,
+                        client_sha: settings.commit.clone(),
+                    })
+                    .await?;
+                tracing::info!(%region, launch.id = %record.launch_id, count, image = %record.image_id, "launching");
+                self.start_launch(record, false);
             }
             Action::Drain { instance } => {
                 let drained = self
@@ -422,12 +446,62 @@ impl RegionController {
         Ok(())
     }
 
+    /// Runs a recorded launch as a tracked task, counted as pending until it reports.
+    fn start_launch(&mut self, record: LaunchRecord, resumed: bool) {
+        self.pending.insert(
+            record.launch_id.clone(),
+            PendingLaunch {
+                launch_id: record.launch_id.clone(),
+                image_id: record.image_id.clone(),
+                count: record.count,
+                started_at: record.created_at,
+            },
+        );
+        let shared = self.shared.clone();
+        let done = self.done_tx.clone();
+        self.tasks.spawn(async move {
+            let launch_id = record.launch_id.clone();
+            let result = run_recorded_launch(&shared, &record, resumed).await;
+            let _ = done.send(Done::Launch { launch_id, result }).await;
+        });
+    }
+
+    /// Loads the region's launch records and resumes, as pending launches, those this
+    /// controller is not running: the launches of a process that was killed (or of a replica
+    /// that lost the lease) half-way, and records a failed launch could not delete. Returns
+    /// how many it resumed.
+    pub async fn resume_launches(&mut self) -> Result<usize, ExecError> {
+        if !self.is_leader() {
+            self.needs_resume = true;
+            return Ok(0);
+        }
+        let region = self.shared.settings.region.clone();
+        let records = self.shared.db.launch_records_in_region(&region).await?;
+        let mut resumed = 0;
+        for record in records {
+            if self.pending.contains_key(&record.launch_id) {
+                continue;
+            }
+            tracing::warn!(%region, launch.id = %record.launch_id, count = record.count, image = %record.image_id, recorded_at = %record.created_at, "resuming a recorded launch");
+            self.start_launch(record, true);
+            resumed += 1;
+        }
+        self.needs_resume = false;
+        Ok(resumed)
+    }
+
     /// Compares the cloud with the rows: managed instances with no row for longer than the
-    /// grace period are terminated; rows whose instance is gone are removed.
+    /// grace period, and not part of a launch in flight or recorded, are terminated; rows whose
+    /// instance is gone are removed. Recorded launches this controller does not run are resumed
+    /// first (see [`Self::resume_launches`]).
     pub async fn reconcile_cloud(&mut self) -> Result<(usize, usize), ExecError> {
         if !self.is_leader() {
             return Ok((0, 0));
         }
+        // Every recorded launch is pending from here on: its instances are adopted, never
+        // terminated as orphans. Without the records nothing can be told apart, so an error
+        // stops the reconciliation.
+        self.resume_launches().await?;
         let settings = &self.shared.settings;
         let now = Utc::now();
         let grace = chrono::Duration::from_std(settings.orphan_grace).unwrap_or_default();
@@ -523,43 +597,97 @@ fn uuid_like() -> String {
     dbclient::types::MandelboxId::random().to_string()
 }
 
+/// Carries out a recorded launch, then deletes its record: once the rows are in, or once a
+/// failed launch has been cleaned up (what it left running is then terminated, or left to
+/// reconciliation as orphans). A record that cannot be deleted stays and is resumed again.
+async fn run_recorded_launch(
+    shared: &Shared,
+    record: &LaunchRecord,
+    resumed: bool,
+) -> Result<usize, ExecError> {
+    let result = run_launch(shared, record, resumed).await;
+    if let Err(error) = shared.db.delete_launch_record(&record.launch_id).await {
+        // Harmless: resuming it later finds its instances with rows (or gone) and deletes it.
+        tracing::warn!(region = %record.region, launch.id = %record.launch_id, %error, "could not delete the launch record; it will be resumed");
+    }
+    result
+}
+
 /// Launch, wait for `running`, insert the PRE_CONNECTION rows. Whatever ran but could not be
 /// inserted is terminated again, so a failed launch leaves no orphan behind.
-async fn run_launch(shared: &Shared, launch: &PendingLaunch) -> Result<usize, ExecError> {
+///
+/// A `resumed` launch (a record a previous process or leader left) first looks for its
+/// instances by launch id: if they are all gone, or there are none and the record is older
+/// than `launch_record_limit`, there is nothing to do. Otherwise the repeated launch returns
+/// the instances already launched (or launches them, if the process died before RunInstances),
+/// and only those without a row get one; rows that exist are left as they are.
+async fn run_launch(
+    shared: &Shared,
+    record: &LaunchRecord,
+    resumed: bool,
+) -> Result<usize, ExecError> {
     let settings = &shared.settings;
     let request = LaunchRequest {
-        launch_id: launch.launch_id.clone(),
-        count: launch.count,
-        image_id: launch.image_id.clone(),
-        instance_type: settings.instance_type.clone(),
-        client_sha: settings.commit.clone(),
+        launch_id: record.launch_id.clone(),
+        count: record.count,
+        image_id: record.image_id.clone(),
+        instance_type: record.instance_type.clone(),
+        client_sha: record.client_sha.clone(),
     };
+    if resumed && !resume_needs_launch(shared, record).await? {
+        return Ok(0);
+    }
     let launched = shared.hosts.launch(&request).await?;
-    let ids: Vec<InstanceId> = launched.iter().map(|i| i.id.clone()).collect();
+    let with_rows: HashSet<InstanceId> = if resumed {
+        shared
+            .db
+            .instances_in_region(&settings.region)
+            .await?
+            .into_iter()
+            .map(|r| r.instance.id)
+            .collect()
+    } else {
+        HashSet::new()
+    };
+    let adopt: Vec<&HostInstance> = launched
+        .iter()
+        .filter(|i| !i.state.is_ending() && !with_rows.contains(&i.id))
+        .collect();
+    let ids: Vec<InstanceId> = adopt.iter().map(|i| i.id.clone()).collect();
     let result = async {
+        if ids.is_empty() {
+            return Ok(());
+        }
         shared
             .hosts
             .wait_running(&ids, settings.wait_running)
             .await?;
-        let rows: Vec<NewInstance> = launched
+        let rows: Vec<NewInstance> = adopt
             .iter()
             .map(|i| NewInstance {
                 id: i.id.clone(),
                 provider: PROVIDER.to_owned(),
                 region: settings.region.clone(),
                 image_id: i.image_id.clone(),
-                client_sha: settings.commit.clone(),
+                client_sha: record.client_sha.clone(),
                 ip_addr: None,
                 instance_type: i.instance_type.clone(),
                 remaining_capacity: settings.capacity_per_instance,
                 status: InstanceStatus::PreConnection,
             })
             .collect();
-        shared.db.insert_instances(&rows).await?;
+        if resumed {
+            // Rows inserted meanwhile (another replica resuming the same record) are kept.
+            shared.db.insert_launched_instances(&rows).await?;
+        } else {
+            // All or nothing: a fresh launch's ids cannot have rows yet.
+            shared.db.insert_instances(&rows).await?;
+        }
         Ok::<_, ExecError>(())
     }
     .await;
     if let Err(error) = result {
+        // Only instances without a row: one with a row may already serve users.
         if !ids.is_empty()
             && let Err(cleanup) = shared.hosts.terminate(&ids).await
         {
@@ -567,14 +695,42 @@ async fn run_launch(shared: &Shared, launch: &PendingLaunch) -> Result<usize, Ex
         }
         return Err(error);
     }
-    if launched.len() < launch.count as usize {
+    if resumed {
+        tracing::info!(region = %settings.region, launch.id = %record.launch_id, adopted = ids.len(), found = launched.len(), "recorded launch resumed");
+    }
+    if launched.len() < record.count as usize {
         return Err(ExecError::PartialLaunch {
-            launch_id: launch.launch_id.clone(),
-            wanted: launch.count,
+            launch_id: record.launch_id.clone(),
+            wanted: record.count,
             got: launched.len(),
         });
     }
-    Ok(launched.len())
+    Ok(ids.len())
+}
+
+/// Whether a resumed launch should go on to `launch` (which returns the instances already
+/// launched under its id, or launches them): not when every instance it launched is gone, nor
+/// when it launched none and the record is older than `launch_record_limit`.
+async fn resume_needs_launch(shared: &Shared, record: &LaunchRecord) -> Result<bool, ExecError> {
+    let found: Vec<HostInstance> = shared
+        .hosts
+        .list_managed()
+        .await?
+        .into_iter()
+        .filter(|i| i.launch_id.as_deref() == Some(record.launch_id.as_str()))
+        .collect();
+    let region = &record.region;
+    if !found.is_empty() && found.iter().all(|i| i.state.is_ending()) {
+        tracing::info!(%region, launch.id = %record.launch_id, "a recorded launch's instances are all gone: record deleted");
+        return Ok(false);
+    }
+    let limit = chrono::Duration::from_std(shared.settings.launch_record_limit)
+        .unwrap_or(chrono::Duration::MAX);
+    if found.is_empty() && Utc::now() - record.created_at > limit {
+        tracing::warn!(%region, launch.id = %record.launch_id, recorded_at = %record.created_at, "a stale launch record launched nothing: record deleted");
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Terminate, verify `terminated`, remove the row.

@@ -886,3 +886,78 @@ async fn faulty_handler_random_faults_replay_from_the_seed() {
     }
     assert_eq!(outcomes[0], outcomes[1]);
 }
+
+#[tokio::test]
+async fn a_resumed_launch_finds_its_instances_by_tag_and_launches_nothing_new() {
+    use dbclient::launches::NewLaunchRecord;
+    use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
+    use scaling_service::algorithm::{AlgorithmConfig, DefaultAlgorithm};
+    use scaling_service::region::{RegionController, RegionSettings};
+
+    let moto = start_moto(&[]).await;
+    let fixture = fixture(&moto).await;
+    let ec2 = raw_client(&moto.endpoint()).await;
+    let stack = TestStack::start().await.unwrap();
+    let db = dbclient::DbClient::new(
+        &dbclient::DbConfig::new(
+            &stack.graphql_url(),
+            Some(logger::Secret::new(TEST_ADMIN_SECRET.to_owned())),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let east = Region::new("us-east-1").unwrap();
+    // The process that was killed: it recorded the launch and ran RunInstances, no rows.
+    let launch_id = "us-east-1-killed-mid-launch";
+    db.insert_launch_record(&NewLaunchRecord {
+        launch_id: launch_id.to_owned(),
+        region: east.clone(),
+        image_id: fixture.image_id.clone(),
+        instance_type: "g4dn.xlarge".to_owned(),
+        count: 2,
+        client_sha: COMMIT.to_owned(),
+    })
+    .await
+    .unwrap();
+    let first = handler(moto.endpoint())
+        .await
+        .launch(&request(launch_id, 2, &fixture.image_id))
+        .await
+        .unwrap();
+
+    // The next process, with a handler of its own.
+    let hosts: Arc<dyn HostHandler> = Arc::new(handler(moto.endpoint()).await);
+    let mut settings = RegionSettings::new(east.clone(), COMMIT);
+    settings.instance_type = "g4dn.xlarge".to_owned();
+    settings.capacity_per_instance = 1;
+    settings.wait_running = Duration::from_secs(30);
+    let algorithm = DefaultAlgorithm::new(AlgorithmConfig {
+        desired_free_mandelboxes: 0,
+        capacity_per_instance: 1,
+        ..AlgorithmConfig::default()
+    });
+    let mut controller = RegionController::new(settings, db.clone(), hosts, Box::new(algorithm));
+    assert_eq!(controller.resume_launches().await.unwrap(), 1);
+    controller.settle().await;
+
+    let mut expected = ids(&first);
+    expected.sort();
+    let mut rows: Vec<InstanceId> = db
+        .instances_in_region(&east)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.instance.id)
+        .collect();
+    rows.sort();
+    assert_eq!(rows, expected);
+    let all = all_instances(&ec2).await;
+    assert_eq!(all.len(), 2, "launched twice");
+    assert!(
+        all.iter()
+            .all(|i| tag(i, "whist-launch-id") == Some(launch_id))
+    );
+    assert!(db.launch_records_in_region(&east).await.unwrap().is_empty());
+    // Reconciliation sees rows for both: no orphans.
+    assert_eq!(controller.reconcile_cloud().await.unwrap().0, 0);
+}

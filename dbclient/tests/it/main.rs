@@ -9,6 +9,7 @@
 mod errors;
 mod images;
 mod instances;
+mod launches;
 mod mandelboxes;
 mod subscriptions;
 mod support;

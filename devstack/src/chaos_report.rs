@@ -61,12 +61,20 @@ pub fn write(dir: &Path, doc: &Path) -> anyhow::Result<()> {
     let block = format!("{BEGIN}\n{table}{END}");
     let updated = match (current.find(BEGIN), current.find(END)) {
         (Some(begin), Some(end)) if end > begin => {
-            format!("{}{block}{}", &current[..begin], &current[end + END.len()..])
+            format!(
+                "{}{block}{}",
+                &current[..begin],
+                &current[end + END.len()..]
+            )
         }
         _ => format!("{}\n## Scenarios\n\n{block}\n", current.trim_end()),
     };
     std::fs::write(doc, updated).with_context(|| format!("writing {}", doc.display()))?;
-    println!("wrote the figures of {} into {}", dir.display(), doc.display());
+    println!(
+        "wrote the figures of {} into {}",
+        dir.display(),
+        doc.display()
+    );
     Ok(())
 }
 

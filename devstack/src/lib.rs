@@ -19,6 +19,7 @@
 
 pub mod chaos_report;
 pub mod client;
+pub mod ec2_faults;
 pub mod fleet;
 pub mod hasura;
 pub mod imds;

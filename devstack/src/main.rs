@@ -24,7 +24,12 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log filter (EnvFilter syntax).
-    #[arg(long, env = "WHIST_LOG", default_value = "info,tokio_postgres=warn", global = true)]
+    #[arg(
+        long,
+        env = "WHIST_LOG",
+        default_value = "info,tokio_postgres=warn",
+        global = true
+    )]
     log: String,
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::process::{Child, Command};
 
+use crate::ec2_faults::{Ec2FaultProxy, FaultRates};
 use crate::fleet::{Fleet, FleetOptions, copy_lines};
 use crate::stack::{Stack, StackOptions};
 
@@ -44,6 +45,9 @@ pub struct SystemOptions {
     pub host_env: Vec<(String, String)>,
     /// The fleet's SIGTERM → SIGKILL grace when an instance is terminated.
     pub host_stop_grace: Duration,
+    /// Put [`crate::ec2_faults::Ec2FaultProxy`] between the scaling service and moto, drawing
+    /// faults at these rates from the start (chaos); [`System::ec2_faults`] changes them.
+    pub ec2_faults: Option<FaultRates>,
 }
 
 impl SystemOptions {
@@ -60,6 +64,7 @@ impl SystemOptions {
             scaling_env: Vec::new(),
             host_env: Vec::new(),
             host_stop_grace: Duration::from_secs(30),
+            ec2_faults: None,
         }
     }
 }
@@ -88,6 +93,7 @@ pub struct System {
     scaling_command: ScalingCommand,
     scaling_url: String,
     images: Vec<crate::moto::RegionSeed>,
+    ec2_faults: Option<Ec2FaultProxy>,
 }
 
 #[derive(Debug, Clone)]
@@ -158,6 +164,21 @@ impl System {
         fleet_options.stop_grace = options.host_stop_grace;
         let fleet = Fleet::start(fleet_options).await?;
 
+        let ec2_faults = match options.ec2_faults {
+            Some(rates) => {
+                let moto_port = url::Url::parse(&moto)
+                    .ok()
+                    .and_then(|u| u.port())
+                    .context("moto's port")?;
+                let proxy = Ec2FaultProxy::start(moto_port).await?;
+                proxy.set_rates(rates);
+                Some(proxy)
+            }
+            None => None,
+        };
+        let scaling_ec2 = ec2_faults
+            .as_ref()
+            .map_or_else(|| moto.clone(), Ec2FaultProxy::endpoint);
         let port = match options.scaling_port {
             0 => crate::postgres::free_port().context("picking the scaling service's port")?,
             p => p,
@@ -168,7 +189,7 @@ impl System {
             ("HASURA_ADMIN_SECRET", get("HASURA_ADMIN_SECRET")),
             ("WHIST_REGIONS", options.regions.join(",")),
             ("WHIST_CLOUD", "ec2".to_owned()),
-            ("AWS_ENDPOINT_URL", moto),
+            ("AWS_ENDPOINT_URL", scaling_ec2),
             ("AWS_ACCESS_KEY_ID", "test".to_owned()),
             ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
             ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
@@ -208,6 +229,7 @@ impl System {
             scaling_command,
             scaling_url: format!("http://127.0.0.1:{port}"),
             images,
+            ec2_faults,
         };
         system.start_scaling().await?;
         Ok(system)
@@ -297,6 +319,12 @@ impl System {
     /// The AMI (and moto resources) per region.
     pub fn regions(&self) -> &[crate::moto::RegionSeed] {
         &self.images
+    }
+
+    /// The fault proxy between the scaling service and moto, when
+    /// [`SystemOptions::ec2_faults`] asked for it.
+    pub fn ec2_faults(&self) -> Option<&Ec2FaultProxy> {
+        self.ec2_faults.as_ref()
     }
 
     /// The scaling service's log file.

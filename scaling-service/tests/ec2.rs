@@ -1,26 +1,29 @@
-//! The EC2 host handler against moto (one moto per test), with a fault-injecting HTTP proxy in
-//! front of moto for throttling, 5xx and lost responses, which moto cannot produce.
+//! The EC2 host handler against moto (one moto per test), with devstack's fault-injecting HTTP
+//! proxy (`devstack::ec2_faults`) in front of moto for throttling, 5xx and lost responses, which
+//! moto cannot produce.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region as SdkRegion};
 use aws_sdk_ec2::types::{InstanceAttributeName, ResourceType, Tag, TagSpecification};
 use dbclient::types::{ImageId, InstanceId, Region};
+use devstack::ec2_faults::{Ec2FaultProxy, Fault};
 use devstack::moto::Moto;
 use scaling_service::hosts::ec2::{
     AdminSecret, Ec2Config, Ec2HostHandler, HostServiceSettings, RetryPolicy, StaticCredentials,
 };
-use scaling_service::hosts::faulty::{Fault, FaultRates, FaultyHostHandler, Operation};
+use scaling_service::hosts::faulty::{
+    Fault as HandlerFault, FaultRates, FaultyHostHandler, Operation,
+};
 use scaling_service::hosts::{HostError, HostHandler, HostState, LaunchRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const PROFILE: &str = "whist-host-dev";
 const SG_NAME: &str = "MandelboxesSecurityGroupdev";
@@ -159,8 +162,10 @@ fn test_policy() -> RetryPolicy {
     RetryPolicy {
         base: Duration::from_millis(10),
         cap: Duration::from_millis(50),
-        deadline: Duration::from_secs(5),
-        attempt_timeout: Duration::from_secs(5),
+        // moto answers in milliseconds, but DescribeInstanceTypes takes seconds on a loaded
+        // 2-core machine: the bounds are generous, the backoff stays short.
+        deadline: Duration::from_secs(30),
+        attempt_timeout: Duration::from_secs(15),
         connect_timeout: Duration::from_secs(2),
         poll_base: Duration::from_millis(10),
         poll_cap: Duration::from_millis(50),
@@ -240,167 +245,6 @@ fn base64_decode(text: &str) -> Vec<u8> {
         }
     }
     out
-}
-
-// ---- a fault-injecting proxy in front of moto ----
-
-#[derive(Debug, Clone, Copy)]
-enum ProxyFault {
-    /// Answer with this status and EC2 error code; moto never sees the call.
-    Error(u16, &'static str),
-    /// Forward to moto (the call takes effect), then answer with this error instead.
-    LoseResponse(u16, &'static str),
-    /// Answer this late.
-    Delay(Duration),
-}
-
-#[derive(Debug, Default)]
-struct ProxyState {
-    /// (EC2 action, fault) pairs, used first-come for calls of that action.
-    faults: VecDeque<(&'static str, ProxyFault)>,
-    /// Every call's action, in order, with the fault it got.
-    calls: Vec<(String, Option<ProxyFault>)>,
-}
-
-struct FaultProxy {
-    port: u16,
-    state: Arc<Mutex<ProxyState>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FaultProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FaultProxy {
-    async fn start(upstream: u16) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(ProxyState::default()));
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let _ = proxy_one(stream, upstream, state).await;
-                });
-            }
-        });
-        Self { port, state, task }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn inject(&self, action: &'static str, faults: impl IntoIterator<Item = ProxyFault>) {
-        let mut state = self.state.lock().unwrap();
-        state.faults.extend(faults.into_iter().map(|f| (action, f)));
-    }
-
-    fn calls_of(&self, action: &str) -> usize {
-        self.state
-            .lock()
-            .unwrap()
-            .calls
-            .iter()
-            .filter(|(a, _)| a == action)
-            .count()
-    }
-}
-
-/// Serves one request per connection (the answer says `Connection: close`).
-async fn proxy_one(
-    mut client: TcpStream,
-    upstream: u16,
-    state: Arc<Mutex<ProxyState>>,
-) -> std::io::Result<()> {
-    let mut buffer = Vec::new();
-    let header_end = loop {
-        let mut chunk = [0u8; 4096];
-        let n = client.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buffer[..header_end]).to_string();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buffer.len() < header_end + length {
-        let mut chunk = [0u8; 4096];
-        let n = client.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        buffer.extend_from_slice(&chunk[..n]);
-    }
-    let body = String::from_utf8_lossy(&buffer[header_end..]).to_string();
-    let action = body
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("Action="))
-        .unwrap_or("")
-        .to_owned();
-    let fault = {
-        let mut state = state.lock().unwrap();
-        let fault = state
-            .faults
-            .iter()
-            .position(|(a, _)| *a == action)
-            .and_then(|at| state.faults.remove(at))
-            .map(|(_, f)| f);
-        state.calls.push((action, fault));
-        fault
-    };
-    let error = |status: u16, code: &str| {
-        let body = format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
-             <Message>injected by the test proxy</Message></Error></Errors><RequestID>proxy</RequestID></Response>"
-        );
-        format!(
-            "HTTP/1.1 {status} Injected\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    match fault {
-        Some(ProxyFault::Error(status, code)) => {
-            client.write_all(error(status, code).as_bytes()).await?;
-        }
-        Some(ProxyFault::LoseResponse(status, code)) => {
-            forward(&buffer, upstream).await?;
-            client.write_all(error(status, code).as_bytes()).await?;
-        }
-        Some(ProxyFault::Delay(delay)) => {
-            tokio::time::sleep(delay).await;
-            let response = forward(&buffer, upstream).await?;
-            client.write_all(&response).await?;
-        }
-        None => {
-            let response = forward(&buffer, upstream).await?;
-            client.write_all(&response).await?;
-        }
-    }
-    client.shutdown().await
-}
-
-async fn forward(request: &[u8], upstream: u16) -> std::io::Result<Vec<u8>> {
-    let mut moto = TcpStream::connect(("127.0.0.1", upstream)).await?;
-    moto.write_all(request).await?;
-    let mut response = Vec::new();
-    // moto (werkzeug) closes after each answer.
-    moto.read_to_end(&mut response).await?;
-    Ok(response)
 }
 
 // ---- tests ----
@@ -546,10 +390,10 @@ async fn retried_launch_with_the_same_launch_id_launches_nothing_new() {
 async fn lost_run_instances_response_is_retried_without_a_second_launch() {
     let moto = start_moto(&[]).await;
     let fixture = fixture(&moto).await;
-    let proxy = FaultProxy::start(moto.port()).await;
+    let proxy = Ec2FaultProxy::start(moto.port()).await.unwrap();
     proxy.inject(
         "RunInstances",
-        [ProxyFault::LoseResponse(503, "ServiceUnavailable")],
+        [Fault::LoseResponse(503, "ServiceUnavailable")],
     );
     let hosts = handler(proxy.endpoint()).await;
 
@@ -576,16 +420,16 @@ async fn lost_run_instances_response_is_retried_without_a_second_launch() {
 async fn throttling_and_5xx_are_retried_until_the_launch_succeeds() {
     let moto = start_moto(&[]).await;
     let fixture = fixture(&moto).await;
-    let proxy = FaultProxy::start(moto.port()).await;
+    let proxy = Ec2FaultProxy::start(moto.port()).await.unwrap();
     proxy.inject(
         "RunInstances",
         [
-            ProxyFault::Error(503, "RequestLimitExceeded"),
-            ProxyFault::Error(500, "InternalError"),
-            ProxyFault::Error(500, "InsufficientInstanceCapacity"),
+            Fault::Error(503, "RequestLimitExceeded"),
+            Fault::Error(500, "InternalError"),
+            Fault::Error(500, "InsufficientInstanceCapacity"),
         ],
     );
-    proxy.inject("DescribeInstances", [ProxyFault::Error(503, "Unavailable")]);
+    proxy.inject("DescribeInstances", [Fault::Error(503, "Unavailable")]);
     let hosts = handler(proxy.endpoint()).await;
 
     let launched = hosts
@@ -606,10 +450,10 @@ async fn throttling_and_5xx_are_retried_until_the_launch_succeeds() {
 #[tokio::test]
 async fn throttling_past_the_deadline_is_reported_as_throttled() {
     let moto = start_moto(&[]).await;
-    let proxy = FaultProxy::start(moto.port()).await;
+    let proxy = Ec2FaultProxy::start(moto.port()).await.unwrap();
     proxy.inject(
         "DescribeInstanceTypes",
-        [ProxyFault::Error(503, "RequestLimitExceeded"); 1000],
+        [Fault::Error(503, "RequestLimitExceeded"); 1000],
     );
     let mut config = config(proxy.endpoint());
     config.retry.deadline = Duration::from_millis(300);
@@ -630,12 +474,15 @@ async fn throttling_past_the_deadline_is_reported_as_throttled() {
 #[tokio::test]
 async fn slow_answer_past_the_attempt_timeout_is_retried() {
     let moto = start_moto(&[]).await;
-    let proxy = FaultProxy::start(moto.port()).await;
+    let proxy = Ec2FaultProxy::start(moto.port()).await.unwrap();
     // Generous against a loaded machine: moto answers in milliseconds, the delay is far longer.
-    let delay = Duration::from_secs(20);
-    proxy.inject("DescribeInstanceTypes", [ProxyFault::Delay(delay)]);
+    // moto's DescribeInstanceTypes takes seconds on a loaded 2-core machine, so the attempt
+    // timeout and the deadline leave it room; the delayed first answer comes far later.
+    let delay = Duration::from_secs(90);
+    proxy.inject("DescribeInstanceTypes", [Fault::Delay(delay)]);
     let mut config = config(proxy.endpoint());
-    config.retry.attempt_timeout = Duration::from_secs(2);
+    config.retry.attempt_timeout = Duration::from_secs(8);
+    config.retry.deadline = Duration::from_secs(60);
     let hosts = Ec2HostHandler::new(config).await.unwrap();
 
     let started = Instant::now();
@@ -650,7 +497,7 @@ async fn slow_answer_past_the_attempt_timeout_is_retried() {
 async fn invalid_ami_fails_fast_without_retries() {
     let moto = start_moto(&[("MOTO_ENABLE_AMI_VALIDATION", "1")]).await;
     let _fixture = fixture(&moto).await;
-    let proxy = FaultProxy::start(moto.port()).await;
+    let proxy = Ec2FaultProxy::start(moto.port()).await.unwrap();
     let hosts = handler(proxy.endpoint()).await;
 
     let bogus = ImageId::new("ami-00000000deadbeef0").unwrap();
@@ -673,7 +520,7 @@ async fn invalid_ami_fails_fast_without_retries() {
 #[tokio::test]
 async fn instance_type_info_counts_gpus_and_vcpus_and_is_cached() {
     let moto = start_moto(&[("MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION", "1")]).await;
-    let proxy = FaultProxy::start(moto.port()).await;
+    let proxy = Ec2FaultProxy::start(moto.port()).await.unwrap();
     let hosts = handler(proxy.endpoint()).await;
 
     let small = hosts.instance_type("g4dn.xlarge").await.unwrap();
@@ -830,7 +677,11 @@ async fn faulty_handler_lost_launch_response_then_retry_returns_the_same_instanc
     let fixture = fixture(&moto).await;
     let hosts = FaultyHostHandler::scheduled(
         handler(moto.endpoint()).await,
-        [Some(Fault::LostResponse), Some(Fault::Throttle), None],
+        [
+            Some(HandlerFault::LostResponse),
+            Some(HandlerFault::Throttle),
+            None,
+        ],
     )
     .only(&[Operation::Launch]);
     let launch = request("launch-faulty", 2, &fixture.image_id);

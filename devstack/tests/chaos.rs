@@ -1,0 +1,612 @@
+//! The reliability suite: faults done to the whole running system (`make run`'s: devstack, the
+//! scaling service launching into moto, a host service per instance on the real Docker
+//! Engine), each scenario bounded in time and ending with the invariant check of
+//! `devstack::invariants` (no leaked container, directory, port, TTY, row or instance; the
+//! database, Docker and EC2 agree) and a count of the client requests sent and answered.
+//!
+//! `make test` runs the short form; `make chaos` the full one (`WHIST_CHAOS=full`: a bigger
+//! burst) and then writes each scenario's figures into `docs/reliability.md`
+//! (`whist-devstack chaos-report`). Figures go to `WHIST_CHAOS_REPORT_DIR` (default: the test
+//! target's temporary directory), one JSON file per scenario.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::InstanceStateName;
+use devstack::client::{AccessToken, Assignment, Client, ClientError, ClientOptions, Connection};
+use devstack::ec2_faults::FaultRates;
+use devstack::imds::Identity;
+use devstack::invariants::{self, instance_rows, mandelbox_rows};
+use devstack::stack::StackOptions;
+use devstack::system::{HOST_CAPACITY, System, SystemOptions};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+/// Bound on every wait and on recovery.
+const DEADLINE: Duration = Duration::from_secs(150);
+
+fn full() -> bool {
+    std::env::var("WHIST_CHAOS").is_ok_and(|v| v == "full")
+}
+
+fn moto_bin() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../.venv/bin/moto_server"
+    ))
+}
+
+/// A system plus the client side of a scenario.
+struct Harness {
+    system: System,
+    client: Client,
+    sql: tokio_postgres::Client,
+    _state: tempfile::TempDir,
+}
+
+async fn up(regions: &[&str], desired: u32, max: u32, scaling_env: &[(&str, &str)]) -> Harness {
+    up_with(regions, desired, max, scaling_env, None).await
+}
+
+async fn up_with(
+    regions: &[&str],
+    desired: u32,
+    max: u32,
+    scaling_env: &[(&str, &str)],
+    ec2_faults: Option<FaultRates>,
+) -> Harness {
+    let state = tempfile::tempdir().unwrap();
+    let mut options = SystemOptions::new(StackOptions {
+        state_dir: state.path().to_owned(),
+        moto_bin: Some(moto_bin()),
+        graphql_port: 0,
+        control_port: 0,
+        admin_secret: None,
+        default_identity: Identity::local("i-0chaos0000000000", regions[0]),
+        default_instance_row: None,
+    });
+    options.regions = regions.iter().map(|r| (*r).to_owned()).collect();
+    options.desired_free_mandelboxes = desired;
+    options.max_instances_per_region = max;
+    options.scheduler_interval_secs = 2;
+    options.host_stop_grace = Duration::from_secs(20);
+    options.ec2_faults = ec2_faults;
+    // A client that never comes is given up on in 15 s (60 s in production), so abandoned
+    // assignments are cleaned within the scenario's bound.
+    options.host_env = vec![("WHIST_JSON_TRANSPORT_TIMEOUT".into(), "15s".into())];
+    options.scaling_env = scaling_env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let system = System::up(options).await.unwrap();
+    let sql = devstack::postgres::connect(system.stack().database_url())
+        .await
+        .unwrap();
+    let client = Client::new(ClientOptions {
+        scaling_url: system.scaling_url().to_owned(),
+        control_url: Some(system.stack().control_url()),
+        regions: regions.iter().map(|r| (*r).to_owned()).collect(),
+        ..ClientOptions::default()
+    })
+    .unwrap();
+    Harness {
+        system,
+        client,
+        sql,
+        _state: state,
+    }
+}
+
+impl Harness {
+    /// Waits until `count` hosts are ACTIVE with their fingerprint published.
+    async fn active_hosts(&self, count: usize) -> Vec<invariants::InstanceRow> {
+        let started = Instant::now();
+        loop {
+            let rows: Vec<_> = instance_rows(&self.sql)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.status == "ACTIVE" && r.tls_fingerprint.is_some())
+                .collect();
+            if rows.len() >= count {
+                return rows;
+            }
+            if started.elapsed() > DEADLINE {
+                self.dump();
+                panic!("{count} ACTIVE hosts never came (have {})", rows.len());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits for the invariants; fails with what is still wrong. Returns the time it took.
+    async fn settled(&self) -> Duration {
+        let (report, took) = invariants::settle(&self.system, DEADLINE).await;
+        if !report.holds() {
+            self.dump();
+            panic!(
+                "the system did not settle within {DEADLINE:?}: {:#?}",
+                report.violations
+            );
+        }
+        took
+    }
+
+    fn dump(&self) {
+        let tail = |path: &std::path::Path| {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        eprintln!("--- scaling ---\n{}", tail(self.system.scaling_log()));
+        for host in self.system.fleet().hosts() {
+            eprintln!("--- host {} ---\n{}", host.instance_id, tail(&host.log));
+        }
+    }
+
+    async fn token(&self, user: &str) -> AccessToken {
+        self.client.token(user).await.unwrap()
+    }
+}
+
+/// What a client of a scenario ended with.
+#[derive(Debug)]
+enum Outcome {
+    /// Connected to its mandelbox.
+    Connected(Box<Connection>),
+    /// Refused or failed with an answer (an HTTP error, a closed connection): answered.
+    Refused(String),
+}
+
+/// A session as a patient client runs it: json_transport retried for a while when the host
+/// cannot be reached (a host restarting), since the client app retries too.
+async fn session(client: &Client, token: &AccessToken, assignment: &Assignment) -> Outcome {
+    let started = Instant::now();
+    let answer = loop {
+        match client
+            .json_transport(assignment, token, r#"{"chaos":true}"#)
+            .await
+        {
+            Ok(answer) => break answer,
+            Err(ClientError::Request { .. } | ClientError::Io { .. })
+                if started.elapsed() < Duration::from_secs(30) =>
+            {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => return Outcome::Refused(error.to_string()),
+        }
+    };
+    let Some(port) = answer.port(32273) else {
+        return Outcome::Refused("no session port".into());
+    };
+    match client.connect(assignment.ip, port).await {
+        Ok(connection) => Outcome::Connected(Box::new(connection)),
+        Err(error) => Outcome::Refused(error.to_string()),
+    }
+}
+
+/// One scenario's figures, as `docs/reliability.md` shows them.
+#[derive(Debug, Default)]
+struct Figures {
+    scenario: &'static str,
+    what: String,
+    sent: usize,
+    answered: usize,
+    succeeded: usize,
+    refused: usize,
+    recovery: Duration,
+    leaks: usize,
+    notes: String,
+}
+
+fn record(f: &Figures) {
+    let dir = std::env::var_os("WHIST_CHAOS_REPORT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chaos"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let value = json!({
+        "scenario": f.scenario,
+        "what": f.what,
+        "form": if full() { "full" } else { "short" },
+        "sent": f.sent,
+        "answered": f.answered,
+        "succeeded": f.succeeded,
+        "refused": f.refused,
+        "recovery_seconds": (f.recovery.as_secs_f64() * 10.0).round() / 10.0,
+        "leaks": f.leaks,
+        "notes": f.notes,
+        "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    });
+    std::fs::write(
+        dir.join(format!("{}.json", f.scenario)),
+        serde_json::to_vec_pretty(&value).unwrap(),
+    )
+    .unwrap();
+    eprintln!("{value}");
+}
+
+/// Assigns `n` users at once and waits for all answers.
+async fn assign_many(
+    h: &Harness,
+    users: &[String],
+) -> Vec<(AccessToken, Result<Assignment, ClientError>)> {
+    let mut tokens = Vec::new();
+    for user in users {
+        tokens.push(h.token(user).await);
+    }
+    let request = h.client.assign_request(None);
+    let results =
+        futures::future::join_all(tokens.iter().map(|token| h.client.assign(token, &request)))
+            .await;
+    tokens.into_iter().zip(results).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_killed_during_spin_ups() {
+    let h = up(&["us-east-1"], HOST_CAPACITY, 3, &[]).await;
+    let host = h.active_hosts(1).await.remove(0);
+    let users: Vec<String> = (0..HOST_CAPACITY).map(|n| format!("spinup-{n}")).collect();
+    let assigned = assign_many(&h, &users).await;
+    let assigned: Vec<(AccessToken, Assignment)> = assigned
+        .into_iter()
+        .map(|(t, r)| (t, r.expect("the buffer serves both")))
+        .collect();
+    assert!(
+        assigned
+            .iter()
+            .all(|(_, a)| a.ip.to_string() == host.ip.clone().unwrap())
+    );
+    // The clients' json_transport requests go out; the host dies while it starts their
+    // mandelboxes (the rows are ALLOCATED, containers being created).
+    let client = &h.client;
+    let sessions = assigned
+        .iter()
+        .map(|(token, assignment)| session(client, token, assignment));
+    let kill_at = Instant::now();
+    let (outcomes, killed) = tokio::join!(futures::future::join_all(sessions), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.system.fleet().signal(&host.id, Signal::SIGKILL)
+    });
+    assert!(killed, "the host service was running");
+    let mut figures = Figures {
+        scenario: "host_killed_during_spin_ups",
+        what: format!(
+            "SIGKILL of a host service 100 ms into {} concurrent spin-ups; restarted as systemd would",
+            HOST_CAPACITY
+        ),
+        sent: outcomes.len(),
+        ..Figures::default()
+    };
+    for outcome in outcomes {
+        figures.answered += 1;
+        match outcome {
+            Outcome::Connected(c) => {
+                figures.succeeded += 1;
+                c.close().await;
+            }
+            Outcome::Refused(why) => {
+                figures.refused += 1;
+                figures.notes = format!("refused: {why}");
+            }
+        }
+    }
+    let restarted = h.system.fleet().host(&host.id).unwrap();
+    assert!(
+        restarted.starts >= 2,
+        "the fleet restarted it: {restarted:?}"
+    );
+    h.settled().await;
+    figures.recovery = kill_at.elapsed();
+    record(&figures);
+    h.system.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_killed_during_teardown() {
+    let h = up(&["us-east-1"], HOST_CAPACITY, 3, &[]).await;
+    let host = h.active_hosts(1).await.remove(0);
+    let users = vec!["teardown-0".to_owned()];
+    let (token, assignment) = assign_many(&h, &users).await.remove(0);
+    let assignment = assignment.unwrap();
+    let Outcome::Connected(connection) = session(&h.client, &token, &assignment).await else {
+        panic!("the session should start");
+    };
+    // The client leaves; the mandelbox exits and the host starts tearing it down; the host dies.
+    connection.close().await;
+    let kill_at = Instant::now();
+    // Kill once the teardown has begun: the container has exited (Docker's die event).
+    loop {
+        let containers = invariants::containers_of(&host.id).unwrap();
+        if containers.iter().all(|c| c.state != "running") {
+            break;
+        }
+        assert!(kill_at.elapsed() < DEADLINE, "the mandelbox never exited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(h.system.fleet().signal(&host.id, Signal::SIGKILL));
+    let recovery = h.settled().await;
+    let rows = mandelbox_rows(&h.sql).await.unwrap();
+    assert!(
+        rows.is_empty(),
+        "the torn-down mandelbox's row is gone: {rows:?}"
+    );
+    record(&Figures {
+        scenario: "host_killed_during_teardown",
+        what: "SIGKILL of a host service while it tears down a mandelbox whose client left".into(),
+        sent: 1,
+        answered: 1,
+        succeeded: 1,
+        recovery,
+        ..Figures::default()
+    });
+    h.system.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_killed_during_drain() {
+    let h = up(&["us-east-1"], HOST_CAPACITY, 3, &[]).await;
+    let host = h.active_hosts(1).await.remove(0);
+    let users = vec!["drain-0".to_owned()];
+    let (token, assignment) = assign_many(&h, &users).await.remove(0);
+    let assignment = assignment.unwrap();
+    let Outcome::Connected(connection) = session(&h.client, &token, &assignment).await else {
+        panic!("the session should start");
+    };
+    // The host is told to drain (as the scaling service does, by its row), with a user on it;
+    // it dies while it waits for that user.
+    h.sql
+        .execute(
+            "UPDATE whist.instances SET status = 'DRAINING' WHERE id = $1",
+            &[&host.id],
+        )
+        .await
+        .unwrap();
+    let drain_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(h.system.fleet().signal(&host.id, Signal::SIGKILL));
+    // Restarted, it finds its row DRAINING and finishes the drain: everything on it removed,
+    // its row deleted, exit 0, and the instance powered off (terminated in moto). The scaling
+    // service replaces the capacity.
+    let started = Instant::now();
+    let info = loop {
+        let info = h.system.fleet().host(&host.id).unwrap();
+        if info.powered_off {
+            break info;
+        }
+        if started.elapsed() > DEADLINE {
+            h.dump();
+            panic!("the drained host never powered off: {info:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(info.exits.last(), Some(&Some(0)), "{info:?}");
+    drop(connection);
+    let replacement = h.active_hosts(1).await;
+    assert!(replacement.iter().all(|r| r.id != host.id));
+    h.settled().await;
+    let ec2 = devstack::moto::ec2_client(&h.system.stack().moto_endpoint().unwrap(), "us-east-1");
+    let moto = invariants::moto_instances(&ec2).await.unwrap();
+    assert_eq!(moto.get(&host.id), Some(&InstanceStateName::Terminated));
+    record(&Figures {
+        scenario: "host_killed_during_drain",
+        what: "SIGKILL of a draining host service with a user on it; restarted, it finishes the drain and powers off".into(),
+        sent: 1,
+        answered: 1,
+        succeeded: 1,
+        recovery: drain_at.elapsed(),
+        notes: "the user's session ends with the drain (as in the original)".into(),
+        ..Figures::default()
+    });
+    h.system.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_service_killed_during_a_launch() {
+    let mut h = up(&["us-east-1"], HOST_CAPACITY, 3, &[]).await;
+    let first = h.active_hosts(1).await.remove(0);
+    let ec2 = devstack::moto::ec2_client(&h.system.stack().moto_endpoint().unwrap(), "us-east-1");
+    // A user takes a slot: the buffer drops below 2 and a launch starts. The scaling service is
+    // killed the moment the instance exists in EC2, before its row does.
+    let (_token, assignment) = assign_many(&h, &["launch-0".to_owned()]).await.remove(0);
+    assignment.unwrap();
+    let started = Instant::now();
+    let launched = loop {
+        let moto = invariants::moto_instances(&ec2).await.unwrap();
+        if let Some(id) = moto.keys().find(|id| **id != first.id) {
+            break id.clone();
+        }
+        assert!(started.elapsed() < DEADLINE, "no launch began");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let kill_at = Instant::now();
+    h.system.signal_scaling(Signal::SIGKILL).await;
+    let had_row = instance_rows(&h.sql)
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.id == launched);
+    h.system.start_scaling().await.unwrap();
+    // The restarted service finishes the launch: the instance gets its row and serves; nothing
+    // was launched twice, nothing terminated as an orphan.
+    let rows = h.active_hosts(2).await;
+    assert!(rows.iter().any(|r| r.id == launched), "{rows:?}");
+    let recovery = h.settled().await.max(kill_at.elapsed());
+    let moto = invariants::moto_instances(&ec2).await.unwrap();
+    assert_eq!(
+        moto.len(),
+        2,
+        "exactly one instance launched for the one launch: {moto:?}"
+    );
+    record(&Figures {
+        scenario: "scaling_service_killed_during_a_launch",
+        what:
+            "SIGKILL of the scaling service once RunInstances answered, before the row; restarted"
+                .into(),
+        sent: 1,
+        answered: 1,
+        succeeded: 1,
+        recovery,
+        notes: format!(
+            "row existed at the kill: {had_row}; instances in EC2 afterwards: {}",
+            moto.len()
+        ),
+        ..Figures::default()
+    });
+    h.system.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_assigns_across_three_regions() {
+    let regions = ["us-east-1", "us-west-2", "eu-central-1"];
+    let (requests, window) = if full() {
+        (200usize, Duration::from_secs(10))
+    } else {
+        (60usize, Duration::from_secs(3))
+    };
+    // One host per region at most: 2 slots each, 6 in all.
+    let h = Arc::new(up(&regions, HOST_CAPACITY, 1, &[]).await);
+    h.active_hosts(regions.len()).await;
+    let mut tokens = Vec::new();
+    for n in 0..requests {
+        tokens.push(h.token(&format!("burst-{n}")).await);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, token) in tokens.into_iter().enumerate() {
+        let h = h.clone();
+        let at = window.mul_f64(n as f64 / requests as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
+            // Each client lists the regions nearest first, in its own order.
+            let mut order = regions.to_vec();
+            order.rotate_left(n % regions.len());
+            let mut request = h.client.assign_request(None);
+            request.regions = order.iter().map(|r| (*r).to_owned()).collect();
+            h.client.assign(&token, &request).await
+        }));
+    }
+    let mut figures = Figures {
+        scenario: "assign_burst_three_regions",
+        what: format!(
+            "{requests} assign requests in {} s across 3 regions, 6 slots in all",
+            window.as_secs()
+        ),
+        sent: requests,
+        ..Figures::default()
+    };
+    let mut granted = Vec::new();
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(assignment) => {
+                figures.answered += 1;
+                figures.succeeded += 1;
+                granted.push(assignment.mandelbox_id);
+            }
+            Err(ClientError::Refused { status, code, .. }) => {
+                figures.answered += 1;
+                figures.refused += 1;
+                *codes
+                    .entry(format!("{status} {}", code.unwrap_or_default()))
+                    .or_default() += 1;
+            }
+            Err(other) => panic!("an assign request got no answer: {other}"),
+        }
+    }
+    let answered_in = started.elapsed();
+    assert_eq!(figures.answered, requests, "every request is answered");
+    granted.sort();
+    granted.dedup();
+    assert_eq!(granted.len(), figures.succeeded, "no mandelbox given twice");
+    // The capacity: never more mandelboxes on a host than it holds.
+    let rows = mandelbox_rows(&h.sql).await.unwrap();
+    let mut per_host = std::collections::BTreeMap::<&str, u32>::new();
+    for row in &rows {
+        *per_host.entry(row.instance_id.as_str()).or_default() += 1;
+    }
+    assert!(
+        per_host.values().all(|n| *n <= HOST_CAPACITY),
+        "a host was given more than its capacity: {per_host:?}"
+    );
+    assert!(
+        figures.succeeded <= regions.len() * HOST_CAPACITY as usize,
+        "{} granted",
+        figures.succeeded
+    );
+    assert!(figures.succeeded > 0, "the buffer served someone");
+    // The granted clients never come: their hosts give up on them (15 s here) and clean up.
+    let cleanup = Instant::now();
+    while !mandelbox_rows(&h.sql).await.unwrap().is_empty() {
+        if cleanup.elapsed() > DEADLINE {
+            h.dump();
+            panic!("abandoned assignments were never cleaned up");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    h.settled().await;
+    figures.recovery = started.elapsed();
+    figures.notes = format!(
+        "all answered within {:.1} s; refusals: {}",
+        answered_in.as_secs_f64(),
+        codes
+            .iter()
+            .map(|(k, v)| format!("{v}× {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    record(&figures);
+    let h = Arc::into_inner(h).unwrap();
+    h.system.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ec2_faults_during_scale_up() {
+    // A third of the scaling service's EC2 calls fail: throttled, 5xx, answered after taking
+    // effect (the answer lost), or 2 s late. The fleet still reaches the buffer, without a
+    // duplicate instance, and serves a session.
+    let rates = FaultRates {
+        throttle: 0.12,
+        server_error: 0.1,
+        lost_response: 0.05,
+        slow: 0.06,
+        delay: Duration::from_secs(2),
+    };
+    let started = Instant::now();
+    let h = up_with(&["us-east-1"], 2 * HOST_CAPACITY, 3, &[], Some(rates)).await;
+    let rows = h.active_hosts(2).await;
+    let to_buffer = started.elapsed();
+    let user = "ec2-faults-0".to_owned();
+    let (token, assignment) = assign_many(&h, &[user]).await.remove(0);
+    let assignment = assignment.unwrap();
+    let Outcome::Connected(connection) = session(&h.client, &token, &assignment).await else {
+        panic!("the session should start");
+    };
+    connection.close().await;
+    let ec2 = devstack::moto::ec2_client(&h.system.stack().moto_endpoint().unwrap(), "us-east-1");
+    h.settled().await;
+    let moto = invariants::moto_instances(&ec2).await.unwrap();
+    let running: Vec<_> = moto
+        .iter()
+        .filter(|(_, s)| **s == InstanceStateName::Running)
+        .collect();
+    assert!(running.len() >= rows.len().min(2), "{moto:?}");
+    let (calls, faults) = h.system.ec2_faults().unwrap().counts();
+    assert!(faults > 0, "faults were injected ({calls} calls)");
+    record(&Figures {
+        scenario: "ec2_faults_during_scale_up",
+        what: "a third of EC2 calls throttled, 5xx, lost after taking effect or 2 s late, from zero to a buffer of 4".into(),
+        sent: 1,
+        answered: 1,
+        succeeded: 1,
+        recovery: to_buffer,
+        notes: format!(
+            "{faults} of {calls} EC2 calls faulted; {} instances launched for 2 wanted; recovery = start to buffer",
+            moto.len()
+        ),
+        ..Figures::default()
+    });
+    h.system.down().await.unwrap();
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::process::{Child, Command};
 
-use crate::ec2_faults::{Ec2FaultProxy, FaultRates};
+use crate::ec2_faults::{Ec2FaultProxy, Fault, FaultRates};
 use crate::fleet::{Fleet, FleetOptions, copy_lines};
 use crate::stack::{Stack, StackOptions};
 
@@ -43,11 +43,16 @@ pub struct SystemOptions {
     pub scaling_env: Vec<(String, String)>,
     /// Extra variables for every host service, over the defaults.
     pub host_env: Vec<(String, String)>,
+    /// Each host reaches Docker through a proxy of its own, whose event streams
+    /// [`Fleet::cut_docker_events`] cuts (chaos; [`FleetOptions::docker_proxy`]).
+    pub docker_proxy: bool,
     /// The fleet's SIGTERM → SIGKILL grace when an instance is terminated.
     pub host_stop_grace: Duration,
     /// Put [`crate::ec2_faults::Ec2FaultProxy`] between the scaling service and moto, drawing
     /// faults at these rates from the start (chaos); [`System::ec2_faults`] changes them.
     pub ec2_faults: Option<FaultRates>,
+    /// With [`SystemOptions::ec2_faults`]: faults for the first calls of these actions.
+    pub ec2_fault_queue: Vec<(String, Fault)>,
 }
 
 impl SystemOptions {
@@ -63,8 +68,10 @@ impl SystemOptions {
             echo_logs: false,
             scaling_env: Vec::new(),
             host_env: Vec::new(),
+            docker_proxy: false,
             host_stop_grace: Duration::from_secs(30),
             ec2_faults: None,
+            ec2_fault_queue: Vec::new(),
         }
     }
 }
@@ -162,6 +169,7 @@ impl System {
         fleet_options.host_capacity = HOST_CAPACITY;
         fleet_options.echo_logs = options.echo_logs;
         fleet_options.stop_grace = options.host_stop_grace;
+        fleet_options.docker_proxy = options.docker_proxy;
         let fleet = Fleet::start(fleet_options).await?;
 
         let ec2_faults = match options.ec2_faults {
@@ -172,6 +180,9 @@ impl System {
                     .context("moto's port")?;
                 let proxy = Ec2FaultProxy::start(moto_port).await?;
                 proxy.set_rates(rates);
+                for (action, fault) in &options.ec2_fault_queue {
+                    proxy.inject(action, [*fault]);
+                }
                 Some(proxy)
             }
             None => None,

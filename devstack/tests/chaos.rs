@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_ec2::types::InstanceStateName;
 use devstack::client::{AccessToken, Assignment, Client, ClientError, ClientOptions, Connection};
-use devstack::ec2_faults::FaultRates;
+use devstack::ec2_faults::{Fault, FaultRates};
 use devstack::imds::Identity;
 use devstack::invariants::{self, instance_rows, mandelbox_rows};
 use devstack::stack::StackOptions;
@@ -56,7 +56,7 @@ async fn up_with(
     desired: u32,
     max: u32,
     scaling_env: &[(&str, &str)],
-    ec2_faults: Option<FaultRates>,
+    ec2_faults: Option<(FaultRates, Vec<(String, Fault)>)>,
 ) -> Harness {
     let state = tempfile::tempdir().unwrap();
     let mut options = SystemOptions::new(StackOptions {
@@ -73,7 +73,10 @@ async fn up_with(
     options.max_instances_per_region = max;
     options.scheduler_interval_secs = 2;
     options.host_stop_grace = Duration::from_secs(20);
-    options.ec2_faults = ec2_faults;
+    if let Some((rates, queue)) = ec2_faults {
+        options.ec2_faults = Some(rates);
+        options.ec2_fault_queue = queue;
+    }
     // A client that never comes is given up on in 15 s (60 s in production), so abandoned
     // assignments are cleaned within the scenario's bound.
     options.host_env = vec![("WHIST_JSON_TRANSPORT_TIMEOUT".into(), "15s".into())];
@@ -575,9 +578,38 @@ async fn ec2_faults_during_scale_up() {
         delay: Duration::from_secs(2),
     };
     let started = Instant::now();
-    let h = up_with(&["us-east-1"], 2 * HOST_CAPACITY, 3, &[], Some(rates)).await;
+    // And for certain: the first launch's answer is lost after it took effect, and the first
+    // look at the instances is throttled.
+    let queue = vec![
+        (
+            "RunInstances".to_owned(),
+            Fault::LoseResponse(500, "InternalError"),
+        ),
+        (
+            "DescribeInstances".to_owned(),
+            Fault::Error(400, "RequestLimitExceeded"),
+        ),
+    ];
+    let h = up_with(
+        &["us-east-1"],
+        2 * HOST_CAPACITY,
+        3,
+        &[],
+        Some((rates, queue)),
+    )
+    .await;
     let rows = h.active_hosts(2).await;
     let to_buffer = started.elapsed();
+    let ec2 = devstack::moto::ec2_client(&h.system.stack().moto_endpoint().unwrap(), "us-east-1");
+    let at_buffer = invariants::moto_instances(&ec2).await.unwrap();
+    let running_at_buffer = at_buffer
+        .values()
+        .filter(|s| **s == InstanceStateName::Running)
+        .count();
+    assert_eq!(
+        running_at_buffer, 2,
+        "the lost RunInstances answer launched nothing twice: {at_buffer:?}"
+    );
     let user = "ec2-faults-0".to_owned();
     let (token, assignment) = assign_many(&h, &[user]).await.remove(0);
     let assignment = assignment.unwrap();
@@ -585,7 +617,6 @@ async fn ec2_faults_during_scale_up() {
         panic!("the session should start");
     };
     connection.close().await;
-    let ec2 = devstack::moto::ec2_client(&h.system.stack().moto_endpoint().unwrap(), "us-east-1");
     h.settled().await;
     let moto = invariants::moto_instances(&ec2).await.unwrap();
     let running: Vec<_> = moto
@@ -593,6 +624,7 @@ async fn ec2_faults_during_scale_up() {
         .filter(|(_, s)| **s == InstanceStateName::Running)
         .collect();
     assert!(running.len() >= rows.len().min(2), "{moto:?}");
+
     let (calls, faults) = h.system.ec2_faults().unwrap().counts();
     assert!(faults > 0, "faults were injected ({calls} calls)");
     record(&Figures {

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -79,6 +80,8 @@ pub const LOCAL_DEV_COMMIT: &str = "local_dev";
 pub const DEFAULT_MANDELBOXES_PER_USER: usize = 3;
 /// The app every assigned mandelbox runs.
 pub const APP: &str = "chrome";
+/// Longest assign body. Enforced while reading (`DefaultBodyLimit` on the route), so a larger
+/// body is never buffered, and answered like any bad input: `413 {error: BAD_REQUEST, message}`.
 const MAX_BODY_BYTES: usize = 16 * 1024;
 const MAX_REGIONS: usize = 32;
 
@@ -260,9 +263,15 @@ fn error(status: StatusCode, code: &str, message: Option<String>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn assign(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) -> Response {
+/// The body comes as a `Result` so that a refused body (too large, cut short) gets this API's
+/// JSON error, after authentication, instead of axum's plain-text rejection.
+async fn assign(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let timer = state.metrics.assign_seconds.start_timer();
-    let (result, response) = assign_inner(&state, &headers, &body).await;
+    let (result, response) = assign_inner(&state, &headers, body).await;
     state
         .metrics
         .assign_requests
@@ -275,7 +284,7 @@ async fn assign(State(state): State<ApiState>, headers: HeaderMap, body: Bytes) 
 async fn assign_inner(
     state: &ApiState,
     headers: &HeaderMap,
-    body: &[u8],
+    body: Result<Bytes, BytesRejection>,
 ) -> (&'static str, Response) {
     if !state.limiter.try_acquire() {
         return (
@@ -312,17 +321,30 @@ async fn assign_inner(
             );
         }
     };
-    if body.len() > MAX_BODY_BYTES {
-        return (
-            "BAD_REQUEST",
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
+    let body = match body {
+        Ok(body) if body.len() <= MAX_BODY_BYTES => body,
+        Err(rejection) if rejection.status() != StatusCode::PAYLOAD_TOO_LARGE => {
+            return (
                 "BAD_REQUEST",
-                Some("body too large".into()),
-            ),
-        );
-    }
-    let request: AssignRequest = match serde_json::from_slice(body) {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    Some(rejection.body_text()),
+                ),
+            );
+        }
+        _ => {
+            return (
+                "BAD_REQUEST",
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "BAD_REQUEST",
+                    Some(format!("body too large: at most {MAX_BODY_BYTES} bytes")),
+                ),
+            );
+        }
+    };
+    let request: AssignRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return (
@@ -402,7 +424,10 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 /// The router.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/mandelbox/assign", post(assign))
+        .route(
+            "/mandelbox/assign",
+            post(assign).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

@@ -18,7 +18,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// A JWKS fetch is bounded: the assign request waits on it.
 const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Unknown `kid`s do not make us hammer the issuer: one fetch per this interval at most.
+/// Unknown `kid`s do not make us hammer the issuer: one fetch attempt per this interval at most,
+/// failed ones included (during an outage, tokens are refused with `KeysUnavailable` meanwhile).
 const JWKS_MIN_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why a token was refused (never the token itself).
@@ -69,7 +70,8 @@ pub struct JwksVerifier {
     validation: Validation,
     http: reqwest::Client,
     keys: RwLock<Keys>,
-    fetch: tokio::sync::Mutex<()>,
+    /// The last fetch attempt; held during a fetch so concurrent requests wait for one fetch.
+    last_attempt: tokio::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for JwksVerifier {
@@ -101,12 +103,14 @@ impl JwksVerifier {
         validation.set_audience(&[audience]);
         validation.set_issuer(&[issuer]);
         validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
+        // Off by default in jsonwebtoken: a token whose `nbf` is ahead is not valid yet.
+        validation.validate_nbf = true;
         Ok(Self {
             jwks_url,
             validation,
             http,
             keys: RwLock::new(Keys::default()),
-            fetch: tokio::sync::Mutex::new(()),
+            last_attempt: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -119,19 +123,22 @@ impl JwksVerifier {
     }
 
     async fn refresh(&self) -> Result<(), AuthError> {
-        let _one_at_a_time = self.fetch.lock().await;
-        {
+        let mut last_attempt = self.last_attempt.lock().await;
+        // Rate-limit attempts, not successes: while the issuer is down, a flood of tokens must
+        // not become a flood of fetches.
+        if last_attempt.is_some_and(|t| t.elapsed() < JWKS_MIN_REFRESH) {
             let keys = match self.keys.read() {
                 Ok(k) => k,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            if keys
-                .fetched_at
-                .is_some_and(|t| t.elapsed() < JWKS_MIN_REFRESH)
-            {
-                return Ok(());
-            }
+            return match keys.fetched_at {
+                Some(_) => Ok(()),
+                None => Err(AuthError::KeysUnavailable(
+                    "the last JWKS fetch failed; the next is due within 30 s".into(),
+                )),
+            };
         }
+        *last_attempt = Some(tokio::time::Instant::now());
         let unavailable = |e: reqwest::Error| AuthError::KeysUnavailable(e.to_string());
         let set: JwkSet = self
             .http

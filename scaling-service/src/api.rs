@@ -1,4 +1,6 @@
-//! The HTTP API: `POST /mandelbox/assign`, `GET /metrics`, `/healthz`, `/readyz`.
+//! The HTTP API: `POST /mandelbox/assign`, `PUT /json_transport` (forwarded to the mandelbox's
+//! host with its certificate pinned, see [`crate::forward`]), `GET /metrics`, `/healthz`,
+//! `/readyz`.
 //!
 //! The handler authenticates (bearer JWT, `sub` = user), parses the body into an
 //! [`AssignRequest`] and calls [`Assigner::assign`], which tests can drive without HTTP.
@@ -15,12 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use dbclient::DbClient;
 use dbclient::types::{MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId};
 use serde::{Deserialize, Serialize};
@@ -28,6 +30,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenVerifier};
+use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::region::{Event, PROVIDER};
 
@@ -421,12 +424,25 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
-/// The router.
+/// The router, forwarding json_transport with the default settings (port 4678).
 pub fn router(state: ApiState) -> Router {
+    router_with(state, Arc::new(Forwarder::default()))
+}
+
+/// The router, forwarding json_transport with `forwarder`.
+pub fn router_with(state: ApiState, forwarder: Arc<Forwarder>) -> Router {
+    let json_transport = move |State(state): State<ApiState>, headers: HeaderMap, body: Body| {
+        let forwarder = forwarder.clone();
+        async move { forwarder.handle(&state, &headers, body).await }
+    };
     Router::new()
         .route(
             "/mandelbox/assign",
             post(assign).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
+        )
+        .route(
+            "/json_transport",
+            put(json_transport).options(crate::forward::preflight),
         )
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -440,9 +456,19 @@ pub async fn serve(
     state: ApiState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, Arc::new(Forwarder::default()), shutdown).await
+}
+
+/// [`serve`] with json_transport forwarded by `forwarder`.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    forwarder: Arc<Forwarder>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     const DRAIN: Duration = Duration::from_secs(10);
     let stop = shutdown.clone();
-    let server = axum::serve(listener, router(state))
+    let server = axum::serve(listener, router_with(state, forwarder))
         .with_graceful_shutdown(async move { stop.cancelled().await });
     tokio::select! {
         result = server => result,

@@ -93,6 +93,17 @@ pub struct Args {
     /// Assign requests accepted in a burst.
     #[arg(long, env = "WHIST_ASSIGN_BURST", default_value_t = 50)]
     pub assign_burst: u32,
+    /// Port of the hosts' json_transport endpoint, where `PUT /json_transport` is forwarded.
+    #[arg(long, env = "WHIST_HOST_JSON_TRANSPORT_PORT", default_value_t = crate::forward::DEFAULT_HOST_PORT)]
+    pub host_json_transport_port: u16,
+    /// Seconds a forwarded json_transport request may take in all: the host's own wait for the
+    /// mandelbox (90 s by default) plus margin.
+    #[arg(
+        long,
+        env = "WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS",
+        default_value_t = 120
+    )]
+    pub host_json_transport_timeout_secs: u64,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -153,6 +164,8 @@ pub struct Config {
     pub assign_rate: f64,
     pub assign_burst: u32,
     pub cloud: CloudConfig,
+    /// Where and how long `PUT /json_transport` is forwarded to hosts.
+    pub json_transport_forward: crate::forward::ForwardSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +196,8 @@ pub enum ConfigError {
     Endpoint(String),
     #[error("{what} must not be empty")]
     Empty { what: &'static str },
+    #[error("{what} must not be 0")]
+    Zero { what: &'static str },
 }
 
 impl Args {
@@ -237,6 +252,21 @@ impl Args {
         if self.scheduler_interval_secs == 0 {
             return Err(ConfigError::SchedulerInterval);
         }
+        if self.host_json_transport_port == 0 {
+            return Err(ConfigError::Zero {
+                what: "WHIST_HOST_JSON_TRANSPORT_PORT",
+            });
+        }
+        if self.host_json_transport_timeout_secs == 0 {
+            return Err(ConfigError::Zero {
+                what: "WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS",
+            });
+        }
+        let json_transport_forward = crate::forward::ForwardSettings {
+            port: self.host_json_transport_port,
+            timeout: std::time::Duration::from_secs(self.host_json_transport_timeout_secs),
+            ..Default::default()
+        };
         let auth = match (self.auth_jwks_url, self.auth_audience, self.auth_issuer) {
             (Some(jwks_url), Some(audience), Some(issuer)) => AuthConfig::Jwks {
                 jwks_url,
@@ -248,6 +278,7 @@ impl Args {
         };
         Ok(Config {
             cloud,
+            json_transport_forward,
             app_env: env,
             port: self.port,
             auth,
@@ -354,6 +385,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.regions.len(), 2);
+        assert_eq!(c.json_transport_forward.port, 4678);
+        assert_eq!(
+            c.json_transport_forward.timeout,
+            std::time::Duration::from_secs(120)
+        );
         assert!(
             parse(&[
                 "--app-env",

@@ -8,13 +8,15 @@
 //! default algorithm offline against a demand trace.
 //!
 //! Reads: `APP_ENV`, `HASURA_GRAPHQL_URL`, `HASURA_ADMIN_SECRET`, `WHIST_REGIONS`, the cloud
-//! (`WHIST_CLOUD`, `AWS_ENDPOINT_URL`, `WHIST_HOST_*`), logging settings (see `--help`). Exit
+//! (`WHIST_CLOUD`, `AWS_ENDPOINT_URL`, `WHIST_HOST_*`, `WHIST_HOST_JSON_TRANSPORT_*` for the
+//! json_transport forwarding), logging settings (see `--help`). Exit
 //! codes: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on bad configuration.
 
 pub mod algorithm;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod forward;
 pub mod hosts;
 pub mod lease;
 pub mod metrics;
@@ -206,10 +208,13 @@ pub async fn run_replica(
         ready,
     };
     let api_stop = CancellationToken::new();
+    let forwarder = Arc::new(forward::Forwarder::new(
+        config.json_transport_forward.clone(),
+    ));
     tracker.spawn({
         let stop = api_stop.clone();
         async move {
-            if let Err(error) = api::serve(listener, api_state, stop).await {
+            if let Err(error) = api::serve_with(listener, api_state, forwarder, stop).await {
                 tracing::error!(%error, "HTTP API stopped");
             }
         }

@@ -1,0 +1,807 @@
+//! `PUT /json_transport` through the scaling service: the later original's proxy to the host's
+//! endpoint (`https://<ip>:4678/json_transport`), with the host's certificate pinned instead of
+//! TLS verification turned off.
+//!
+//! The request is the host's (`mandelbox_id`, `json_data`, optional `jwt_access_token`;
+//! unknown fields ignored; token in `Authorization: Bearer` or in the body). The service
+//! authenticates it with its [`TokenVerifier`], looks the mandelbox and its instance up, and
+//! refuses what the host would refuse anyway before anything leaves: a mandelbox that does not
+//! exist (404), is not the caller's (403), or whose host has no address or no published
+//! certificate fingerprint yet (503, `Retry-After`). Then it sends the body as received, with
+//! the caller's token as `Authorization: Bearer`, to the host over TLS that accepts exactly
+//! the certificate whose SHA-256 is the instance's `tls_fingerprint` ([`PinnedVerifier`]; the
+//! handshake signatures are still verified, so the server must hold that certificate's key),
+//! and relays the host's status and body unchanged. A host that cannot be reached, presents
+//! another certificate or does not answer in time gets `502`/`504` with a JSON error naming
+//! why; the log line names the instance, never the token.
+//!
+//! Refusals have the host's shape, `{"error": "<message>", "code": "<code>"}` (plus `field`
+//! for a malformed body), so a client reads both the same way.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use dbclient::types::{InstanceId, MandelboxId, MandelboxStatus, UserId};
+use futures::StreamExt as _;
+use rustls::DigitallySignedStruct;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::api::ApiState;
+use crate::auth::AuthError;
+
+/// The hosts' json_transport port (`WHIST_JSON_TRANSPORT_ADDR`'s default on the host).
+pub const DEFAULT_HOST_PORT: u16 = 4678;
+/// Connecting to a host (TCP and TLS): hosts are in the same cloud, so 5 s means down.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole forwarded request: the host answers once the mandelbox is up, which it bounds by
+/// `WHIST_JSON_TRANSPORT_TIMEOUT + WHIST_READY_TIMEOUT + 10 s` (90 s by default); 30 s of
+/// margin.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest request body, as the host.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// The longest answer relayed from a host (its answers are a few hundred bytes).
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The body must arrive within this long once the headers have (as the host).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Forwards at once; each may wait up to [`DEFAULT_TIMEOUT`] for its mandelbox. More get 503.
+const MAX_IN_FLIGHT: usize = 1024;
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "5";
+/// CORS as on the host (bearer tokens, never cookies, so any origin may call it).
+const CORS_ALLOW_ORIGIN: &str = "*";
+const CORS_ALLOW_METHODS: &str = "PUT, OPTIONS";
+const CORS_ALLOW_HEADERS: &str = "authorization, content-type";
+const CORS_MAX_AGE: &str = "600";
+
+/// Where and how long requests are forwarded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardSettings {
+    /// The hosts' json_transport port (`WHIST_HOST_JSON_TRANSPORT_PORT`).
+    pub port: u16,
+    /// TCP connect to the host.
+    pub connect_timeout: Duration,
+    /// The whole exchange with the host, answer included
+    /// (`WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS`).
+    pub timeout: Duration,
+}
+
+impl Default for ForwardSettings {
+    fn default() -> Self {
+        Self {
+            port: DEFAULT_HOST_PORT,
+            connect_timeout: CONNECT_TIMEOUT,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Why a request was not relayed to the host, or the host's answer could not be relayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{message}")]
+    Malformed {
+        field: &'static str,
+        message: String,
+    },
+    #[error("cannot read the body: {0}")]
+    UnreadableBody(String),
+    #[error("the body was not received within {0:?}")]
+    SlowBody(Duration),
+    #[error("the body is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("tokens cannot be verified now; retry")]
+    AuthUnavailable,
+    #[error("mandelbox {0} does not exist")]
+    UnknownMandelbox(MandelboxId),
+    #[error("mandelbox {0} is gone")]
+    Gone(MandelboxId),
+    #[error("mandelbox {0} belongs to another user")]
+    Forbidden(MandelboxId),
+    #[error("the host of mandelbox {0} is not ready yet; retry")]
+    HostNotReady(MandelboxId),
+    #[error("the database cannot be reached; retry")]
+    DatabaseUnavailable,
+    #[error("too many json_transport requests in flight; retry")]
+    Busy,
+    #[error("the mandelbox's host cannot be reached: {0}")]
+    HostUnreachable(String),
+    #[error("the mandelbox's host presented a certificate other than the one it published")]
+    CertificateMismatch,
+    #[error("the TLS handshake with the mandelbox's host failed: {0}")]
+    HandshakeFailed(String),
+    #[error("the mandelbox's host did not answer within {0:?}")]
+    HostTimeout(Duration),
+    #[error("the mandelbox's host sent an unusable answer: {0}")]
+    BadHostResponse(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Malformed { .. } | Self::UnreadableBody(_) => StatusCode::BAD_REQUEST,
+            Self::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::UnknownMandelbox(_) | Self::Gone(_) => StatusCode::NOT_FOUND,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::AuthUnavailable
+            | Self::HostNotReady(_)
+            | Self::DatabaseUnavailable
+            | Self::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Self::HostUnreachable(_)
+            | Self::CertificateMismatch
+            | Self::HandshakeFailed(_)
+            | Self::BadHostResponse(_) => StatusCode::BAD_GATEWAY,
+            Self::HostTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable code in the JSON body (the host's codes where they mean the same).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Malformed { .. } => "invalid_request",
+            Self::UnreadableBody(_) => "unreadable_body",
+            Self::SlowBody(_) => "body_timeout",
+            Self::TooLarge => "body_too_large",
+            Self::Unauthorized(_) => "unauthorized",
+            Self::AuthUnavailable => "auth_unavailable",
+            Self::UnknownMandelbox(_) => "unknown_mandelbox",
+            Self::Gone(_) => "mandelbox_gone",
+            Self::Forbidden(_) => "forbidden",
+            Self::HostNotReady(_) => "host_not_ready",
+            Self::DatabaseUnavailable => "database_unavailable",
+            Self::Busy => "busy",
+            Self::HostUnreachable(_) => "host_unreachable",
+            Self::CertificateMismatch => "host_certificate_mismatch",
+            Self::HandshakeFailed(_) => "host_handshake_failed",
+            Self::HostTimeout(_) => "host_timeout",
+            Self::BadHostResponse(_) => "bad_host_response",
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.to_string(), "code": self.code()});
+        if let Self::Malformed { field, .. } = &self {
+            body["field"] = (*field).into();
+        }
+        let status = self.status();
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECONDS),
+            );
+        }
+        cors(response)
+    }
+}
+
+/// Forwards json_transport requests to their mandelbox's host.
+#[derive(Debug)]
+pub struct Forwarder {
+    settings: ForwardSettings,
+    provider: Arc<CryptoProvider>,
+    in_flight: Semaphore,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Self::new(ForwardSettings::default())
+    }
+}
+
+impl Forwarder {
+    pub fn new(settings: ForwardSettings) -> Self {
+        Self {
+            settings,
+            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+            in_flight: Semaphore::new(MAX_IN_FLIGHT),
+        }
+    }
+
+    pub fn settings(&self) -> &ForwardSettings {
+        &self.settings
+    }
+
+    /// The whole request: the host's answer, or this service's refusal.
+    pub async fn handle(&self, state: &ApiState, headers: &HeaderMap, body: Body) -> Response {
+        let started = Instant::now();
+        match self.forward(state, headers, body).await {
+            Ok(response) => response,
+            Err(refusal) => {
+                tracing::info!(
+                    code = refusal.code(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "json_transport forward refused"
+                );
+                refusal.into_response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        state: &ApiState,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<Response, Refusal> {
+        let _permit = self.in_flight.try_acquire().map_err(|_| Refusal::Busy)?;
+        if content_length(headers).is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+            return Err(Refusal::TooLarge);
+        }
+        // A token in the header is checked before the body is read (as the host does):
+        // unauthenticated floods cost a signature check, not a megabyte each.
+        let mut caller = None;
+        if let Some(value) = headers.get(header::AUTHORIZATION) {
+            let token = bearer_token(value.as_bytes())?;
+            caller = Some((verify(state, token).await?, token.to_owned()));
+        }
+        let bytes = read_body(body).await?;
+        let request = parse(&bytes)?;
+        let (user, token) = match caller {
+            Some(caller) => caller,
+            None => {
+                let token = request.body_token.ok_or_else(|| {
+                    Refusal::Unauthorized(
+                        "no access token: send Authorization: Bearer <token>".into(),
+                    )
+                })?;
+                (verify(state, &token).await?, token)
+            }
+        };
+        let id = request.mandelbox_id;
+        let target = self.target(state, id, &user).await?;
+        let started = Instant::now();
+        let response = self
+            .send(&target, &token, bytes)
+            .await
+            .inspect_err(|refusal| {
+                tracing::warn!(
+                    instance.id = %target.instance_id,
+                    mandelbox.id = %id,
+                    user.id = %user,
+                    host = %target.addr,
+                    code = refusal.code(),
+                    reason = %refusal,
+                    "json_transport forward failed"
+                );
+            })?;
+        tracing::info!(
+            instance.id = %target.instance_id,
+            mandelbox.id = %id,
+            user.id = %user,
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "json_transport forwarded"
+        );
+        Ok(response)
+    }
+
+    /// The mandelbox's host, if the caller may reach it through us and it is ready.
+    async fn target(
+        &self,
+        state: &ApiState,
+        id: MandelboxId,
+        user: &UserId,
+    ) -> Result<Target, Refusal> {
+        let db = &state.assigner.db;
+        let unavailable = |error: dbclient::DbError| {
+            tracing::warn!(%error, mandelbox.id = %id, "json_transport forward: database");
+            Refusal::DatabaseUnavailable
+        };
+        let mandelbox = db
+            .mandelbox(&id)
+            .await
+            .map_err(unavailable)?
+            .ok_or(Refusal::UnknownMandelbox(id))?;
+        match mandelbox.status {
+            // Not assigned to anyone yet: as the host, unknown to clients.
+            MandelboxStatus::Waiting => return Err(Refusal::UnknownMandelbox(id)),
+            MandelboxStatus::Dying => return Err(Refusal::Gone(id)),
+            MandelboxStatus::Allocated | MandelboxStatus::Connecting | MandelboxStatus::Running => {
+            }
+        }
+        if mandelbox.user_id.as_ref() != Some(user) {
+            return Err(Refusal::Forbidden(id));
+        }
+        let instance = db
+            .instance(&mandelbox.instance_id)
+            .await
+            .map_err(unavailable)?
+            .ok_or(Refusal::Gone(id))?
+            .instance;
+        let (Some(ip), Some(fingerprint)) = (instance.ip_addr, instance.tls_fingerprint) else {
+            return Err(Refusal::HostNotReady(id));
+        };
+        let Some(pin) = normalize_fingerprint(&fingerprint) else {
+            // The column's CHECK makes this unreachable; refuse rather than forward unpinned.
+            tracing::error!(instance.id = %instance.id, "malformed tls_fingerprint on the row");
+            return Err(Refusal::HostNotReady(id));
+        };
+        Ok(Target {
+            instance_id: instance.id,
+            addr: SocketAddr::new(ip, self.settings.port),
+            pin,
+        })
+    }
+
+    /// Sends the body to the host over pinned TLS and turns its answer into ours.
+    async fn send(
+        &self,
+        target: &Target,
+        token: &str,
+        body: axum::body::Bytes,
+    ) -> Result<Response, Refusal> {
+        let verifier = Arc::new(PinnedVerifier::new(
+            target.pin.clone(),
+            self.provider.clone(),
+        ));
+        let mut tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Refusal::HandshakeFailed(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .http1_only()
+            .no_proxy()
+            .connect_timeout(self.settings.connect_timeout)
+            .timeout(self.settings.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("whist-scaling-service/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Refusal::HandshakeFailed(error_chain(&e)))?;
+        let url = format!("https://{}/json_transport", target.addr);
+        let classify = |error: reqwest::Error| {
+            if let Some(presented) = verifier.mismatch() {
+                tracing::warn!(
+                    instance.id = %target.instance_id,
+                    %presented,
+                    pinned = %target.pin,
+                    "json_transport forward: the host's certificate is not the published one"
+                );
+                Refusal::CertificateMismatch
+            } else if error.is_timeout() && !verifier.reached() {
+                Refusal::HostUnreachable(format!(
+                    "no connection within {:?}",
+                    self.settings.connect_timeout
+                ))
+            } else if error.is_timeout() {
+                Refusal::HostTimeout(self.settings.timeout)
+            } else if error.is_connect() && verifier.reached() {
+                Refusal::HandshakeFailed(error_chain(&error))
+            } else if error.is_connect() {
+                Refusal::HostUnreachable(error_chain(&error))
+            } else {
+                Refusal::BadHostResponse(error_chain(&error))
+            }
+        };
+        let mut response = http
+            .put(&url)
+            .bearer_auth(token)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(classify)?;
+        if let Some(presented) = verifier.mismatch() {
+            // Unreachable: a mismatch aborts the handshake before the request is sent.
+            tracing::error!(%presented, "pin mismatch after a completed handshake");
+            return Err(Refusal::CertificateMismatch);
+        }
+        let status = response.status();
+        let relayed = [header::CONTENT_TYPE, header::RETRY_AFTER]
+            .into_iter()
+            .filter_map(|name| Some((name.clone(), response.headers().get(&name)?.clone())))
+            .collect::<Vec<_>>();
+        let mut answer = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(classify)? {
+            if answer.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(Refusal::BadHostResponse(format!(
+                    "more than {MAX_RESPONSE_BYTES} bytes"
+                )));
+            }
+            answer.extend_from_slice(&chunk);
+        }
+        let mut relayed_response = Response::new(Body::from(answer));
+        *relayed_response.status_mut() = status;
+        let headers = relayed_response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        for (name, value) in relayed {
+            headers.insert(name, value);
+        }
+        // The answer holds the mandelbox's key.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(cors(relayed_response))
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug)]
+struct Target {
+    instance_id: InstanceId,
+    addr: SocketAddr,
+    /// 64 lowercase hex digits.
+    pin: String,
+}
+
+/// What this service reads of the host's request body (the body itself is forwarded as is).
+#[derive(Debug)]
+struct ForwardRequest {
+    mandelbox_id: MandelboxId,
+    body_token: Option<String>,
+}
+
+/// The fields the forwarder needs, checked as the host checks them; `json_data` must be a
+/// string, its content is the host's to judge. Unknown fields are ignored.
+fn parse(body: &[u8]) -> Result<ForwardRequest, Refusal> {
+    let malformed = |field: &'static str, reason: &str| Refusal::Malformed {
+        field,
+        message: format!("{field}: {reason}"),
+    };
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| malformed("body", &format!("not JSON: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(malformed("body", "not a JSON object"));
+    };
+    let mandelbox_id = match fields.get("mandelbox_id") {
+        Some(Value::String(text)) => text
+            .parse::<MandelboxId>()
+            .map_err(|_| malformed("mandelbox_id", "not a UUID"))?,
+        Some(_) => return Err(malformed("mandelbox_id", "not a string")),
+        None => return Err(malformed("mandelbox_id", "missing")),
+    };
+    match fields.get("json_data") {
+        Some(Value::String(_)) => {}
+        Some(_) => return Err(malformed("json_data", "not a string of JSON")),
+        None => return Err(malformed("json_data", "missing")),
+    }
+    let body_token = match fields.get("jwt_access_token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(token)) => Some(token.clone()),
+        Some(_) => return Err(malformed("jwt_access_token", "not a string")),
+    };
+    Ok(ForwardRequest {
+        mandelbox_id,
+        body_token,
+    })
+}
+
+async fn verify(state: &ApiState, token: &str) -> Result<UserId, Refusal> {
+    match state.verifier.verify(token).await {
+        Ok(user) => Ok(user),
+        Err(AuthError::KeysUnavailable(reason)) => {
+            tracing::error!(%reason, "json_transport forward: cannot verify tokens");
+            Err(Refusal::AuthUnavailable)
+        }
+        Err(error) => Err(Refusal::Unauthorized(error.to_string())),
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header value (scheme case-insensitive).
+fn bearer_token(header: &[u8]) -> Result<&str, Refusal> {
+    let malformed =
+        || Refusal::Unauthorized("the Authorization header is not `Bearer <token>`".into());
+    let text = std::str::from_utf8(header).map_err(|_| malformed())?;
+    let (scheme, token) = text.trim().split_once(' ').ok_or_else(malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(malformed());
+    }
+    Ok(token)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// The body, at most [`MAX_BODY_BYTES`], within [`BODY_READ_TIMEOUT`].
+async fn read_body(body: Body) -> Result<axum::body::Bytes, Refusal> {
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Refusal::UnreadableBody(e.to_string()))?;
+            if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+                return Err(Refusal::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(axum::body::Bytes::from(bytes))
+    };
+    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| Refusal::SlowBody(BODY_READ_TIMEOUT))?
+}
+
+fn cors(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static(CORS_ALLOW_ORIGIN),
+    );
+    response
+}
+
+/// `OPTIONS /json_transport`: the CORS preflight, as on the host.
+pub async fn preflight() -> Response {
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(CORS_ALLOW_METHODS),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(CORS_ALLOW_HEADERS),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static(CORS_MAX_AGE),
+    );
+    cors(response)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// SHA-256 of a certificate's DER as 64 lowercase hex digits (the hosts' published form).
+pub fn fingerprint_of(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A fingerprint as 64 lowercase hex digits; openssl's form (`AB:CD:…`) is accepted too.
+fn normalize_fingerprint(fingerprint: &str) -> Option<String> {
+    let digits: String = fingerprint
+        .trim()
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    (digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digits)
+}
+
+/// Accepts exactly the server certificate whose SHA-256 is the pin, whatever its names, issuer
+/// or dates (hosts' certificates are self-signed; the pin comes from the host's row). The
+/// handshake signatures are still verified with the provider's algorithms, so the server must
+/// hold the certificate's key. Remembers what it saw, so a failed request can say why.
+#[derive(Debug)]
+pub struct PinnedVerifier {
+    pin: String,
+    provider: Arc<CryptoProvider>,
+    /// Whether a certificate was presented (the TCP connection and TLS got that far).
+    seen: Mutex<Option<String>>,
+}
+
+impl PinnedVerifier {
+    /// `pin`: 64 lowercase hex digits.
+    pub fn new(pin: String, provider: Arc<CryptoProvider>) -> Self {
+        Self {
+            pin,
+            provider,
+            seen: Mutex::new(None),
+        }
+    }
+
+    fn lock_seen(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        match self.seen.lock() {
+            Ok(seen) => seen,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Whether the server presented a certificate.
+    pub fn reached(&self) -> bool {
+        self.lock_seen().is_some()
+    }
+
+    /// The fingerprint of a presented certificate other than the pinned one.
+    pub fn mismatch(&self) -> Option<String> {
+        self.lock_seen().clone().filter(|seen| *seen != self.pin)
+    }
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = fingerprint_of(end_entity);
+        let matches = presented == self.pin;
+        *self.lock_seen() = Some(presented);
+        if matches {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "6f1c2b0e-8a43-4c4e-9d2f-1f0a7c1e9b11";
+
+    fn field(body: &str) -> Option<&'static str> {
+        match parse(body.as_bytes()) {
+            Err(Refusal::Malformed { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn bodies_are_read_as_the_host_reads_them() {
+        let ok = parse(
+            format!(r#"{{"mandelbox_id": "{ID}", "json_data": "{{}}", "cookies": [1]}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(ok.mandelbox_id.to_string(), ID);
+        assert_eq!(ok.body_token, None);
+        let with_token = parse(
+            format!(r#"{{"mandelbox_id": "{ID}", "json_data": "x", "jwt_access_token": "t"}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(with_token.body_token.as_deref(), Some("t"));
+        assert_eq!(field("[]"), Some("body"));
+        assert_eq!(field("{"), Some("body"));
+        assert_eq!(field(r#"{"json_data": "{}"}"#), Some("mandelbox_id"));
+        assert_eq!(
+            field(r#"{"mandelbox_id": "nope", "json_data": "{}"}"#),
+            Some("mandelbox_id")
+        );
+        assert_eq!(
+            field(&format!(r#"{{"mandelbox_id": "{ID}"}}"#)),
+            Some("json_data")
+        );
+        assert_eq!(
+            field(&format!(r#"{{"mandelbox_id": "{ID}", "json_data": {{}}}}"#)),
+            Some("json_data")
+        );
+        assert_eq!(
+            field(&format!(
+                r#"{{"mandelbox_id": "{ID}", "json_data": "{{}}", "jwt_access_token": 5}}"#
+            )),
+            Some("jwt_access_token")
+        );
+    }
+
+    #[test]
+    fn bearer_tokens_come_from_the_header() {
+        assert_eq!(bearer_token(b"Bearer a.b.c").unwrap(), "a.b.c");
+        assert_eq!(bearer_token(b"bearer  t ").unwrap(), "t");
+        for bad in [
+            &b"Bearer"[..],
+            b"Bearer ",
+            b"Basic dXNlcg==",
+            b"t",
+            b"\xff t",
+        ] {
+            assert!(bearer_token(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_normalized() {
+        let fp = "ab".repeat(32);
+        assert_eq!(normalize_fingerprint(&fp).as_deref(), Some(fp.as_str()));
+        let openssl = vec!["AB"; 32].join(":");
+        assert_eq!(
+            normalize_fingerprint(&openssl).as_deref(),
+            Some(fp.as_str())
+        );
+        assert_eq!(normalize_fingerprint("abc"), None);
+        assert_eq!(normalize_fingerprint(&"zz".repeat(32)), None);
+        assert_eq!(fingerprint_of(b"").len(), 64);
+    }
+
+    #[test]
+    fn refusals_have_the_hosts_shape() {
+        let id: MandelboxId = ID.parse().unwrap();
+        for (refusal, status, code) in [
+            (Refusal::UnknownMandelbox(id), 404, "unknown_mandelbox"),
+            (Refusal::Forbidden(id), 403, "forbidden"),
+            (Refusal::HostNotReady(id), 503, "host_not_ready"),
+            (
+                Refusal::CertificateMismatch,
+                502,
+                "host_certificate_mismatch",
+            ),
+            (
+                Refusal::HostUnreachable("x".into()),
+                502,
+                "host_unreachable",
+            ),
+            (Refusal::HostTimeout(DEFAULT_TIMEOUT), 504, "host_timeout"),
+        ] {
+            assert_eq!((refusal.status().as_u16(), refusal.code()), (status, code));
+            let response = refusal.into_response();
+            assert_eq!(
+                response.headers().contains_key(header::RETRY_AFTER),
+                status == 503
+            );
+            assert_eq!(
+                response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+                CORS_ALLOW_ORIGIN
+            );
+        }
+    }
+}

@@ -14,6 +14,12 @@
 //! behaviour is `terminate`). An instance terminated in moto is powered off: SIGTERM (systemd
 //! stopping the unit at shutdown), SIGKILL after a grace, and its containers and files are
 //! removed, as they vanish with a real instance.
+//!
+//! With [`FleetOptions::docker_proxy`], each host reaches the Docker Engine through a proxy of
+//! its own ([`docker_proxy`], `DOCKER_SOCKET`), whose event streams [`Fleet::cut_docker_events`]
+//! cuts as an engine restart would.
+
+pub mod docker_proxy;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -30,6 +36,7 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::docker_proxy::{DockerProxy, DockerProxyStats};
 use crate::imds::{FakeImds, Identity};
 
 /// The tag the scaling service puts on every instance it launches (its `TAG_MANAGED_BY`).
@@ -77,6 +84,11 @@ pub struct FleetOptions {
     pub restart_delay: Duration,
     /// Between SIGTERM and SIGKILL when an instance is terminated.
     pub stop_grace: Duration,
+    /// Put a [`DockerProxy`] between each host service and the engine (`DOCKER_SOCKET` is
+    /// `<dir>/<instance-id>/docker.sock`), for [`Fleet::cut_docker_events`].
+    pub docker_proxy: bool,
+    /// The engine's socket the proxies forward to.
+    pub docker_socket: PathBuf,
 }
 
 impl FleetOptions {
@@ -97,6 +109,8 @@ impl FleetOptions {
             poll: Duration::from_millis(250),
             restart_delay: Duration::from_secs(1),
             stop_grace: Duration::from_secs(30),
+            docker_proxy: false,
+            docker_socket: PathBuf::from(docker_proxy::ENGINE_SOCKET),
         }
     }
 }
@@ -134,6 +148,7 @@ struct Host {
     info: HostInfo,
     identity: Identity,
     imds: Option<FakeImds>,
+    docker_proxy: Option<DockerProxy>,
     child: Option<Child>,
     restart_at: Option<Instant>,
     recent_starts: Vec<Instant>,
@@ -223,6 +238,24 @@ impl Fleet {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).is_ok()
     }
 
+    /// Cuts the host's Docker event streams (chaos, [`FleetOptions::docker_proxy`]): its open
+    /// `/events` connections are closed now, and new ones closed unanswered for `down_for`;
+    /// its other Docker requests pass. Returns how many streams were cut, `None` without a
+    /// proxy.
+    pub fn cut_docker_events(&self, instance_id: &str, down_for: Duration) -> Option<usize> {
+        let state = lock(&self.state);
+        let proxy = state.hosts.get(instance_id)?.docker_proxy.as_ref()?;
+        let cut = proxy.cut_events(down_for);
+        tracing::info!(instance.id = %instance_id, cut, ?down_for, "fleet: Docker event streams cut");
+        Some(cut)
+    }
+
+    /// What the host's Docker proxy has forwarded and cut so far.
+    pub fn docker_proxy_stats(&self, instance_id: &str) -> Option<DockerProxyStats> {
+        let state = lock(&self.state);
+        Some(state.hosts.get(instance_id)?.docker_proxy.as_ref()?.stats())
+    }
+
     /// Stops every host service (SIGTERM, then SIGKILL after the grace) and waits.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -290,6 +323,9 @@ impl Watcher {
         let grace = self.options.stop_grace;
         futures::future::join_all(hosts.into_iter().map(|mut host| async move {
             stop_child(&mut host, grace).await;
+            if let Some(proxy) = host.docker_proxy.take() {
+                proxy.close();
+            }
             if let Some(imds) = host.imds.take() {
                 imds.stop().await;
             }
@@ -340,6 +376,14 @@ impl Watcher {
         let imds = FakeImds::spawn(identity.clone())
             .await
             .context("starting its IMDS")?;
+        let docker_proxy = if self.options.docker_proxy {
+            Some(
+                DockerProxy::start(&dir.join("docker.sock"), &self.options.docker_socket)
+                    .context("starting its Docker proxy")?,
+            )
+        } else {
+            None
+        };
         let first = FIRST_HOST_PORT + (index % PORT_RANGES) * PORTS_PER_HOST;
         let host = Host {
             info: HostInfo {
@@ -355,6 +399,7 @@ impl Watcher {
             },
             identity,
             imds: Some(imds),
+            docker_proxy,
             child: None,
             restart_at: Some(Instant::now()),
             recent_starts: Vec::new(),
@@ -453,6 +498,11 @@ impl Watcher {
                     .map(FakeImds::endpoint)
                     .unwrap_or_default(),
             )
+            .envs(
+                host.docker_proxy
+                    .as_ref()
+                    .map(|p| ("DOCKER_SOCKET", p.path().as_os_str())),
+            )
             .env("WHIST_ROOT", &host.info.root)
             .env(
                 "WHIST_JSON_TRANSPORT_ADDR",
@@ -518,6 +568,8 @@ impl Watcher {
                 info: host.info.clone(),
                 identity: host.identity.clone(),
                 imds: host.imds.take(),
+                // Closed once the host service has stopped; kept for its figures.
+                docker_proxy: None,
                 child: host.child.take(),
                 restart_at: None,
                 recent_starts: Vec::new(),
@@ -540,6 +592,13 @@ impl Watcher {
             let mut host = host;
             let id = host.info.instance_id.clone();
             let status = stop_child(&mut host, grace).await;
+            if let Some(proxy) = lock(&state)
+                .hosts
+                .get(&id)
+                .and_then(|h| h.docker_proxy.as_ref())
+            {
+                proxy.close();
+            }
             remove_containers(&id).await;
             let dir = host.info.root.parent().map(Path::to_path_buf);
             if let Some(imds) = host.imds.take() {

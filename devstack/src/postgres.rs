@@ -84,21 +84,7 @@ impl Postgres {
         let mut last_error = None;
         for _ in 0..5 {
             let port = free_port().map_err(io("finding a free port"))?;
-            let options = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-                 -c full_page_writes=off -c timezone=UTC -c max_connections=200",
-                socket_dir.display()
-            );
-            let result = run(
-                "pg_ctl start",
-                command(run_as_postgres, &pg_ctl)
-                    .arg("-D")
-                    .arg(&data_dir)
-                    .args(["-o", &options, "-l"])
-                    .arg(dir.path().join("postgres.log"))
-                    .args(["-w", "-t", &START_TIMEOUT.as_secs().to_string(), "start"]),
-            );
-            match result {
+            match pg_ctl_start(run_as_postgres, &pg_ctl, dir.path(), port) {
                 Ok(()) => {
                     return Ok(Self {
                         dir,
@@ -149,6 +135,18 @@ impl Postgres {
         Ok(self.url(name))
     }
 
+    /// Starts a stopped server again on the same data directory and port (an outage ends).
+    /// Nothing happens when it runs.
+    pub fn start_again(&mut self) -> Result<(), PostgresError> {
+        if !self.stopped && self.data_dir.join("postmaster.pid").exists() {
+            return Ok(());
+        }
+        let pg_ctl = find_binary("pg_ctl")?;
+        pg_ctl_start(self.run_as_postgres, &pg_ctl, self.dir.path(), self.port)?;
+        self.stopped = false;
+        Ok(())
+    }
+
     /// Stops the server now (fast shutdown: open sessions are ended).
     pub fn stop(&mut self) -> Result<(), PostgresError> {
         self.stop_with("fast")
@@ -184,6 +182,30 @@ impl Drop for Postgres {
             tracing::warn!(%error, "could not stop the throwaway PostgreSQL cluster");
         }
     }
+}
+
+/// `pg_ctl start` of the cluster in `dir` (`data/`, sockets in `run/`, log `postgres.log`) on
+/// `port`, waiting until it accepts connections.
+fn pg_ctl_start(
+    run_as_postgres: bool,
+    pg_ctl: &Path,
+    dir: &Path,
+    port: u16,
+) -> Result<(), PostgresError> {
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+         -c full_page_writes=off -c timezone=UTC -c max_connections=200",
+        dir.join("run").display()
+    );
+    run(
+        "pg_ctl start",
+        command(run_as_postgres, pg_ctl)
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-o", &options, "-l"])
+            .arg(dir.join("postgres.log"))
+            .args(["-w", "-t", &START_TIMEOUT.as_secs().to_string(), "start"]),
+    )
 }
 
 /// Connects without TLS (loopback only) and drives the connection on the current runtime.

@@ -50,8 +50,12 @@ pub struct StackOptions {
 #[derive(Debug)]
 pub struct Stack {
     state_dir: PathBuf,
-    postgres: Postgres,
+    /// Shared with the blocking tasks that run `pg_ctl` ([`Stack::stop_database`]).
+    postgres: Arc<std::sync::Mutex<Postgres>>,
     database_url: String,
+    hasura: Hasura,
+    /// The GraphQL endpoint's server while it serves; `None` while the database is stopped.
+    graphql: Mutex<Option<GraphqlServer>>,
     graphql_addr: SocketAddr,
     control_addr: SocketAddr,
     admin_secret: String,
@@ -118,14 +122,7 @@ impl Stack {
         let tasks = tokio_util::task::TaskTracker::new();
         let graphql_listener = bind(options.graphql_port).await?;
         let graphql_addr = graphql_listener.local_addr()?;
-        tasks.spawn({
-            let token = shutdown.clone();
-            async move {
-                if let Err(error) = hasura.serve(graphql_listener, token).await {
-                    tracing::error!(%error, "GraphQL endpoint failed");
-                }
-            }
-        });
+        let graphql = GraphqlServer::spawn(&hasura, graphql_listener, &shutdown, &tasks);
 
         let moto = match &options.moto_bin {
             Some(bin) => Some(Moto::start(bin).await.context("starting moto")?),
@@ -160,8 +157,10 @@ impl Stack {
 
         let stack = Self {
             state_dir,
-            postgres,
+            postgres: Arc::new(std::sync::Mutex::new(postgres)),
             database_url,
+            hasura,
+            graphql: Mutex::new(Some(graphql)),
             graphql_addr,
             control_addr,
             admin_secret,
@@ -244,6 +243,50 @@ impl Stack {
         self.default_imds.identity()
     }
 
+    /// A database outage (chaos): the GraphQL endpoint stops — its listener closes, so new
+    /// connections are refused, and every open connection ends, its WebSocket subscriptions
+    /// closed (1012) — and then PostgreSQL stops (fast shutdown: its sessions are ended). The
+    /// ports stay this stack's: [`Stack::start_database`] serves again on them, and the services
+    /// reconnect by themselves. Nothing happens when the database is stopped already.
+    pub async fn stop_database(&self) -> anyhow::Result<()> {
+        let mut graphql = self.graphql.lock().await;
+        if let Some(server) = graphql.take() {
+            server.stop().await;
+        }
+        let postgres = self.postgres.clone();
+        tokio::task::spawn_blocking(move || lock_postgres(&postgres).stop())
+            .await
+            .context("stopping PostgreSQL")?
+            .context("stopping PostgreSQL")?;
+        tracing::info!("database stopped (GraphQL endpoint and PostgreSQL)");
+        Ok(())
+    }
+
+    /// Ends [`Stack::stop_database`]'s outage: PostgreSQL starts again on its data directory and
+    /// port, then the GraphQL endpoint serves again on its address (its pool and change
+    /// listener reconnect). Nothing happens when the database runs.
+    pub async fn start_database(&self) -> anyhow::Result<()> {
+        let mut graphql = self.graphql.lock().await;
+        let postgres = self.postgres.clone();
+        tokio::task::spawn_blocking(move || lock_postgres(&postgres).start_again())
+            .await
+            .context("starting PostgreSQL")?
+            .context("starting PostgreSQL")?;
+        if graphql.is_none() {
+            let listener = tokio::net::TcpListener::bind(self.graphql_addr)
+                .await
+                .with_context(|| format!("binding {} again", self.graphql_addr))?;
+            *graphql = Some(GraphqlServer::spawn(
+                &self.hasura,
+                listener,
+                &self.shutdown,
+                &self.tasks,
+            ));
+        }
+        tracing::info!("database started again (PostgreSQL and GraphQL endpoint)");
+        Ok(())
+    }
+
     fn write_env_file(&self) -> anyhow::Result<()> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
@@ -280,10 +323,54 @@ impl Stack {
         for (_, imds) in std::mem::take(&mut *self.extra_imds.lock().await) {
             imds.stop().await;
         }
-        self.postgres.stop().context("stopping PostgreSQL")?;
+        lock_postgres(&self.postgres)
+            .stop()
+            .context("stopping PostgreSQL")?;
         let _ = std::fs::remove_file(self.env_file());
         let _ = std::fs::remove_file(self.state_dir.join(PID_FILE));
         Ok(())
+    }
+}
+
+/// The GraphQL endpoint while it serves: its own stop signal (a child of the stack's) and task.
+#[derive(Debug)]
+struct GraphqlServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GraphqlServer {
+    fn spawn(
+        hasura: &Hasura,
+        listener: tokio::net::TcpListener,
+        shutdown: &CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Self {
+        let stop = shutdown.child_token();
+        let task = tasks.spawn({
+            let hasura = hasura.clone();
+            let token = stop.clone();
+            async move {
+                if let Err(error) = hasura.serve(listener, token).await {
+                    tracing::error!(%error, "GraphQL endpoint failed");
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Closes the listener and every connection and waits until `serve` has returned (its
+    /// WebSockets get at most the stand-in's shutdown deadline).
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn lock_postgres(postgres: &std::sync::Mutex<Postgres>) -> std::sync::MutexGuard<'_, Postgres> {
+    match postgres.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
 

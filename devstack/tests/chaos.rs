@@ -58,6 +58,23 @@ async fn up_with(
     scaling_env: &[(&str, &str)],
     ec2_faults: Option<(FaultRates, Vec<(String, Fault)>)>,
 ) -> Harness {
+    up_configured(regions, desired, max, scaling_env, |options| {
+        if let Some((rates, queue)) = ec2_faults {
+            options.ec2_faults = Some(rates);
+            options.ec2_fault_queue = queue;
+        }
+    })
+    .await
+}
+
+/// The system of [`up`], with `configure` applied to its options last.
+async fn up_configured(
+    regions: &[&str],
+    desired: u32,
+    max: u32,
+    scaling_env: &[(&str, &str)],
+    configure: impl FnOnce(&mut SystemOptions),
+) -> Harness {
     let state = tempfile::tempdir().unwrap();
     let mut options = SystemOptions::new(StackOptions {
         state_dir: state.path().to_owned(),
@@ -73,10 +90,6 @@ async fn up_with(
     options.max_instances_per_region = max;
     options.scheduler_interval_secs = 2;
     options.host_stop_grace = Duration::from_secs(20);
-    if let Some((rates, queue)) = ec2_faults {
-        options.ec2_faults = Some(rates);
-        options.ec2_fault_queue = queue;
-    }
     // A client that never comes is given up on in 15 s (60 s in production), so abandoned
     // assignments are cleaned within the scenario's bound.
     options.host_env = vec![("WHIST_JSON_TRANSPORT_TIMEOUT".into(), "15s".into())];
@@ -84,6 +97,7 @@ async fn up_with(
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
+    configure(&mut options);
     let system = System::up(options).await.unwrap();
     let sql = devstack::postgres::connect(system.stack().database_url())
         .await
@@ -637,6 +651,331 @@ async fn ec2_faults_during_scale_up() {
         notes: format!(
             "{faults} of {calls} EC2 calls faulted; {} instances launched for 2 wanted; recovery = start to buffer",
             moto.len()
+        ),
+        ..Figures::default()
+    });
+    h.system.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_under_load() {
+    let outage = if full() {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_secs(10)
+    };
+    // The load: 3 assign requests a second, each a user of its own, from 3 s before the stop
+    // until the restart (what comes after is the recovery, measured without load the
+    // scenario adds). A client that is granted a mandelbox starts its session and leaves at
+    // once (as the app would connect), so no assignment is left to time out.
+    let (lead, per_second) = (Duration::from_secs(3), 3.0);
+    let mut h = up(&["us-east-1"], HOST_CAPACITY, 3, &[]).await;
+    let host = h.active_hosts(1).await.remove(0);
+    let (token, assignment) = assign_many(&h, &["outage-session".to_owned()])
+        .await
+        .remove(0);
+    let assignment = assignment.unwrap();
+    let Outcome::Connected(mut connection) = session(&h.client, &token, &assignment).await else {
+        panic!("the session should start");
+    };
+    // Enough for the stop, which takes up to the GraphQL endpoint's shutdown deadline (2 s)
+    // and pg_ctl's; those due after the restart are not sent.
+    let span = lead + outage + Duration::from_secs(5);
+    let requests = (span.as_secs_f64() * per_second) as usize;
+    let load_over = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tokens = Vec::new();
+    for n in 0..requests {
+        tokens.push(h.token(&format!("outage-load-{n}")).await);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, token) in tokens.into_iter().enumerate() {
+        let client = h.client.clone();
+        let load_over = load_over.clone();
+        let at = span.mul_f64(n as f64 / requests as f64);
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(started + at)).await;
+            if load_over.load(std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
+            let sent = started.elapsed();
+            let result = client.assign(&token, &client.assign_request(None)).await;
+            let answered = started.elapsed();
+            let outcome = match &result {
+                Ok(assignment) => Some(match session(&client, &token, assignment).await {
+                    Outcome::Connected(c) => {
+                        c.close().await;
+                        Ok(())
+                    }
+                    Outcome::Refused(why) => Err(why),
+                }),
+                Err(_) => None,
+            };
+            Some((sent, answered, result, outcome))
+        }));
+    }
+    // The outage, while the running session holds its connection open (a close before the
+    // restart fails the scenario).
+    let stack = h.system.stack();
+    let outage_driver = async {
+        tokio::time::sleep(lead).await;
+        let stopping = started.elapsed();
+        stack.stop_database().await.unwrap();
+        let stopped = started.elapsed();
+        tokio::time::sleep(outage).await;
+        stack.start_database().await.unwrap();
+        load_over.store(true, std::sync::atomic::Ordering::SeqCst);
+        ((stopping, stopped), started.elapsed(), Instant::now())
+    };
+    let (stopped, restarted, restarted_at) = tokio::select! {
+        held = connection.hold(DEADLINE) => {
+            panic!("the running session's connection did not stay open through the outage: {held:?}")
+        }
+        times = outage_driver => times,
+    };
+    // The test's own connection to PostgreSQL ended with the server.
+    h.sql = devstack::postgres::connect(h.system.stack().database_url())
+        .await
+        .unwrap();
+
+    // After the restart: a new user's session, as its client retries (503s and refused
+    // connections while the services reconnect).
+    let token = h.token("outage-after").await;
+    let request = h.client.assign_request(None);
+    let mut probe_refusals = 0;
+    let mut first_grant = None;
+    let fresh = loop {
+        let outcome = match h.client.assign(&token, &request).await {
+            Ok(assignment) => {
+                first_grant.get_or_insert(restarted_at.elapsed());
+                session(&h.client, &token, &assignment).await
+            }
+            Err(error) => Outcome::Refused(error.to_string()),
+        };
+        match outcome {
+            Outcome::Connected(c) => break c,
+            Outcome::Refused(why) => {
+                probe_refusals += 1;
+                if restarted_at.elapsed() > DEADLINE {
+                    h.dump();
+                    panic!("no new session within {DEADLINE:?} of the restart: {why}");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let first_session = restarted_at.elapsed();
+    let first_grant = first_grant.unwrap_or_default();
+    fresh.close().await;
+    h.settled().await;
+    let recovery = restarted_at.elapsed();
+
+    let mut figures = Figures {
+        scenario: "database_outage_under_load",
+        what: format!(
+            "the GraphQL endpoint and PostgreSQL stopped for {} s, then started again on the same ports; {per_second} assign requests a second (a user each) from 3 s before the stop to the restart; a session running throughout",
+            outage.as_secs()
+        ),
+        recovery,
+        ..Figures::default()
+    };
+    let mut codes = std::collections::BTreeMap::<String, usize>::new();
+    let (mut in_outage, mut in_outage_503, mut granted_in_outage) = (0, 0, 0);
+    let (mut connected, mut session_failures) = (0, Vec::new());
+    let mut slowest = Duration::ZERO;
+    let mut unanswered = Vec::new();
+    for task in tasks {
+        let Some((sent, answered, result, outcome)) = task.await.unwrap() else {
+            continue;
+        };
+        figures.sent += 1;
+        let during = sent >= stopped.0 && sent < restarted;
+        in_outage += usize::from(during);
+        match result {
+            Ok(_) => {
+                figures.answered += 1;
+                figures.succeeded += 1;
+                granted_in_outage += usize::from(during);
+                slowest = slowest.max(answered - sent);
+            }
+            Err(ClientError::Refused { status, code, .. }) => {
+                figures.answered += 1;
+                figures.refused += 1;
+                in_outage_503 += usize::from(during && status == 503);
+                slowest = slowest.max(answered - sent);
+                *codes
+                    .entry(format!("{status} {}", code.unwrap_or_default()))
+                    .or_default() += 1;
+            }
+            Err(other) => unanswered.push(format!("sent at {sent:?}: {other}")),
+        }
+        match outcome {
+            Some(Ok(())) => connected += 1,
+            Some(Err(why)) => {
+                session_failures.push((sent.as_secs_f64() - stopped.0.as_secs_f64(), why))
+            }
+            None => {}
+        }
+    }
+    if !unanswered.is_empty() {
+        h.dump();
+        panic!(
+            "{} assign requests got no answer: {unanswered:#?}",
+            unanswered.len()
+        );
+    }
+    assert!(
+        codes.keys().all(|c| c.starts_with("503 ")),
+        "refusals are 503s: {codes:?}"
+    );
+    assert!(in_outage_503 > 0, "the outage was seen: {codes:?}");
+
+    // The running session survived: its mandelbox is RUNNING, its container runs and its
+    // connection is still open.
+    let rows = mandelbox_rows(&h.sql).await.unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r.id == assignment.mandelbox_id)
+        .unwrap_or_else(|| panic!("the running session's row is gone: {rows:?}"));
+    assert_eq!(row.status, "RUNNING", "{row:?}");
+    let id = assignment.mandelbox_id.to_string();
+    let containers = invariants::containers_of(&host.id).unwrap();
+    assert!(
+        containers
+            .iter()
+            .any(|c| c.mandelbox_id.as_deref() == Some(id.as_str()) && c.state == "running"),
+        "the running session's container runs: {containers:?}"
+    );
+    connection
+        .hold(Duration::from_secs(1))
+        .await
+        .expect("the running session's connection is still open");
+    connection.close().await;
+    h.settled().await;
+
+    figures.notes = format!(
+        "recovery = restart to a new session served and the invariants held (first assign granted after {:.1} s, first new session connected after {:.1} s, {probe_refusals} refused tries); stop took {:.1} s; {in_outage} requests sent during the outage, {in_outage_503} answered 503, {granted_in_outage} granted; slowest answer {:.1} s; refusals: {}; granted clients' sessions: {connected} connected, {} failed{}; the running session survived (RUNNING, connection open)",
+        first_grant.as_secs_f64(),
+        first_session.as_secs_f64(),
+        (stopped.1 - stopped.0).as_secs_f64(),
+        slowest.as_secs_f64(),
+        codes
+            .iter()
+            .map(|(k, v)| format!("{v}× {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        session_failures.len(),
+        if session_failures.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (requests sent at {} s from the stop)",
+                session_failures
+                    .iter()
+                    .map(|(at, _)| format!("{at:+.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+    );
+    if !session_failures.is_empty() {
+        eprintln!("granted clients' session failures: {session_failures:#?}");
+    }
+    record(&figures);
+    h.system.down().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_event_stream_cut() {
+    // Each host reaches Docker through a proxy whose event streams can be cut (restarting the
+    // engine itself is not possible on a shared machine). One host at most: no launch or
+    // drain comes in between.
+    let h = up_configured(&["us-east-1"], HOST_CAPACITY, 1, &[], |options| {
+        options.docker_proxy = true;
+    })
+    .await;
+    let host = h.active_hosts(1).await.remove(0);
+    let (token, assignment) = assign_many(&h, &["events-cut-0".to_owned()])
+        .await
+        .remove(0);
+    let assignment = assignment.unwrap();
+    let Outcome::Connected(connection) = session(&h.client, &token, &assignment).await else {
+        panic!("the session should start");
+    };
+    let fleet = h.system.fleet();
+    let before = fleet.docker_proxy_stats(&host.id).unwrap();
+    assert!(
+        before.events_open >= 1,
+        "the host follows Docker's events through its proxy: {before:?}"
+    );
+    // The stream is cut and stays down (reopen attempts closed unanswered) for `down_for`; the
+    // client leaves right after the cut, so the container exits while the stream is down.
+    let down_for = Duration::from_secs(if full() { 10 } else { 5 });
+    let cut_at = Instant::now();
+    let cut = fleet.cut_docker_events(&host.id, down_for).unwrap();
+    assert!(cut >= 1, "an event stream was cut");
+    connection.close().await;
+    let id = assignment.mandelbox_id.to_string();
+    let mut exited = None;
+    let torn_down = loop {
+        let containers = invariants::containers_of(&host.id).unwrap();
+        let ours = containers
+            .iter()
+            .find(|c| c.mandelbox_id.as_deref() == Some(id.as_str()));
+        if exited.is_none() && ours.is_none_or(|c| c.state != "running") {
+            exited = Some(cut_at.elapsed());
+        }
+        let rows = mandelbox_rows(&h.sql).await.unwrap();
+        if ours.is_none() && rows.iter().all(|r| r.id != assignment.mandelbox_id) {
+            break cut_at.elapsed();
+        }
+        if cut_at.elapsed() > DEADLINE {
+            h.dump();
+            panic!("the mandelbox whose exit the event stream missed was never torn down");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exited = exited.unwrap();
+    assert!(
+        exited < down_for,
+        "the container exited while the stream was down ({exited:?} after the cut)"
+    );
+    h.settled().await;
+    let recovery = cut_at.elapsed();
+    // The host reopened its stream once the proxy let it.
+    let (reopened, stats) = loop {
+        let stats = fleet.docker_proxy_stats(&host.id).unwrap();
+        if stats.events_open >= 1 && stats.events_opened > before.events_opened {
+            break (cut_at.elapsed(), stats);
+        }
+        assert!(
+            cut_at.elapsed() < DEADLINE,
+            "the host never reopened its event stream: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = std::fs::read_to_string(&h.system.fleet().host(&host.id).unwrap().log).unwrap();
+    assert!(
+        log.contains("Docker event stream failed; reopening")
+            || log.contains("Docker event stream ended; reopening"),
+        "the host saw its stream break"
+    );
+    record(&Figures {
+        scenario: "docker_event_stream_cut",
+        what: format!(
+            "a host's Docker event stream cut (its proxy closes it and refuses reopens for {} s); the client leaves at the cut, so its container exits unseen",
+            down_for.as_secs()
+        ),
+        sent: 1,
+        answered: 1,
+        succeeded: 1,
+        recovery,
+        notes: format!(
+            "recovery = cut to invariants held; seen exited {:.1} s and torn down (container and row gone) {:.1} s after the cut, while the stream was still down (the host re-checks its containers at each reopen attempt); {} reopen attempts refused, the stream open again {:.1} s after the cut",
+            exited.as_secs_f64(),
+            torn_down.as_secs_f64(),
+            stats.events_refused,
+            reopened.as_secs_f64(),
         ),
         ..Figures::default()
     });

@@ -311,3 +311,86 @@ async fn stack_up_writes_the_env_file_and_down_removes_everything() {
         .collect();
     assert!(left.is_empty(), "state left behind: {left:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_stops_and_starts_again_on_the_same_ports() {
+    use devstack::stack::{Stack, StackOptions};
+    use futures::StreamExt as _;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let state = tempfile::tempdir().unwrap();
+    let stack = Stack::up(StackOptions {
+        state_dir: state.path().to_owned(),
+        moto_bin: None,
+        graphql_port: 0,
+        control_port: 0,
+        admin_secret: None,
+        default_identity: Identity::local("i-0outage", "us-east-1"),
+        default_instance_row: Some("dev".into()),
+    })
+    .await
+    .unwrap();
+    let env: std::collections::BTreeMap<String, String> = stack
+        .env()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let url = env["HASURA_GRAPHQL_URL"].clone();
+    let client = reqwest::Client::new();
+    let query = || {
+        client
+            .post(&url)
+            .header("x-hasura-admin-secret", &env["HASURA_ADMIN_SECRET"])
+            .json(&serde_json::json!({"query": "{ whist_instances { id } }"}))
+            .send()
+    };
+    let ids = |body: serde_json::Value| body["data"]["whist_instances"].clone();
+    let before = ids(query().await.unwrap().json().await.unwrap());
+    assert_eq!(before, serde_json::json!([{"id": "i-0outage"}]));
+    let mut request = url
+        .replace("http://", "ws://")
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().unwrap(),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+
+    stack.stop_database().await.unwrap();
+    // Every part is down: the socket was closed, new connections are refused.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(message)) if message.is_close() => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the WebSocket was closed by the stop");
+    let refused = query().await.unwrap_err();
+    assert!(refused.is_connect(), "{refused}");
+    assert!(
+        devstack::postgres::connect(stack.database_url())
+            .await
+            .is_err()
+    );
+    // Stopping twice is harmless.
+    stack.stop_database().await.unwrap();
+
+    stack.start_database().await.unwrap();
+    // Same URLs, same data.
+    let after = ids(query().await.unwrap().json().await.unwrap());
+    assert_eq!(after, before);
+    let sql = devstack::postgres::connect(stack.database_url())
+        .await
+        .unwrap();
+    let count: i64 = sql
+        .query_one("SELECT count(*) FROM whist.instances", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+    stack.down().await.unwrap();
+}

@@ -649,7 +649,7 @@ async fn ec2_faults_during_scale_up() {
         succeeded: 1,
         recovery: to_buffer,
         notes: format!(
-            "{faults} of {calls} EC2 calls faulted; {} instances launched for 2 wanted; recovery = start to buffer",
+            "{faults} of {calls} EC2 calls faulted; 2 instances at the buffer, none launched twice; {} in EC2 at the end (the session's slot brings a third); recovery = start to buffer",
             moto.len()
         ),
         ..Figures::default()

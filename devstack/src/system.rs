@@ -314,6 +314,11 @@ impl System {
         child.wait().await.ok()
     }
 
+    /// The scaling service's pid while it runs.
+    pub fn scaling_pid(&self) -> Option<u32> {
+        self.scaling.as_ref().and_then(Child::id)
+    }
+
     /// `http://127.0.0.1:PORT`: `/mandelbox/assign`, `/metrics`, `/healthz`.
     pub fn scaling_url(&self) -> &str {
         &self.scaling_url

@@ -425,20 +425,30 @@ async fn scaling_service_killed_during_a_launch() {
     let mut h = up(&["us-east-1"], HOST_CAPACITY, 3, &[]).await;
     let first = h.active_hosts(1).await.remove(0);
     let ec2 = devstack::moto::ec2_client(&h.system.stack().moto_endpoint().unwrap(), "us-east-1");
-    // A user takes a slot: the buffer drops below 2 and a launch starts. The scaling service is
-    // killed the moment the instance exists in EC2, before its row does.
-    let (_token, assignment) = assign_many(&h, &["launch-0".to_owned()]).await.remove(0);
-    assignment.unwrap();
+    // A user takes a slot (and keeps it: a session runs throughout): the buffer drops below 2
+    // and a launch starts. The scaling service is killed the moment the instance exists in
+    // EC2, before its row does.
+    let (token, assignment) = assign_many(&h, &["launch-0".to_owned()]).await.remove(0);
+    let assignment = assignment.unwrap();
+    let pid = h.system.scaling_pid().unwrap();
     let started = Instant::now();
-    let launched = loop {
-        let moto = invariants::moto_instances(&ec2).await.unwrap();
-        if let Some(id) = moto.keys().find(|id| **id != first.id) {
-            break id.clone();
+    let watch = async {
+        loop {
+            let moto = invariants::moto_instances(&ec2).await.unwrap();
+            if let Some(id) = moto.keys().find(|id| **id != first.id) {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+                break (id.clone(), Instant::now());
+            }
+            assert!(started.elapsed() < DEADLINE, "no launch began");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(started.elapsed() < DEADLINE, "no launch began");
-        tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let kill_at = Instant::now();
+    let (outcome, (launched, kill_at)) =
+        tokio::join!(session(&h.client, &token, &assignment), watch);
+    let Outcome::Connected(connection) = outcome else {
+        panic!("the session should start: {outcome:?}");
+    };
     h.system.signal_scaling(Signal::SIGKILL).await;
     let had_row = instance_rows(&h.sql)
         .await
@@ -448,9 +458,11 @@ async fn scaling_service_killed_during_a_launch() {
     h.system.start_scaling().await.unwrap();
     // The restarted service finishes the launch: the instance gets its row and serves; nothing
     // was launched twice, nothing terminated as an orphan.
+    // (The new process takes the leader lease once the killed one's lapses.)
     let rows = h.active_hosts(2).await;
     assert!(rows.iter().any(|r| r.id == launched), "{rows:?}");
     let recovery = h.settled().await.max(kill_at.elapsed());
+    connection.close().await;
     let moto = invariants::moto_instances(&ec2).await.unwrap();
     assert_eq!(
         moto.len(),

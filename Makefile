@@ -121,16 +121,17 @@ chaos: setup
 	WHIST_CHAOS=full WHIST_CHAOS_REPORT_DIR=$(CHAOS_REPORT) $(CARGO) nextest run -p devstack --test chaos --no-fail-fast
 	$(CARGO_TARGET_DIR)/debug/whist-devstack chaos-report $(CHAOS_REPORT) docs/reliability.md
 
-# Each benchmark prints its figures; docs/performance.md records them with the goals.
+# Each benchmark prints its figures; docs/performance.md records them with the goals. Every
+# command names --workspace, so features resolve once for the whole workspace and each dependency
+# builds once per profile (a `-p X` resolves X's features alone and rebuilds the crates under them).
 bench: setup
-	$(CARGO) build -q --release -p host-service --bin whist-host-service
-	$(CARGO) bench -q -p dbclient --bench subscription_delay
-	$(CARGO) bench -q -p host-service --bench spinup
-	$(CARGO) bench -q -p host-service --bench json_transport
-	$(CARGO) bench -q -p scaling-service --bench decision
-	$(CARGO) bench -q -p scaling-service --bench assign
-	$(CARGO) build -q --release -p host-service -p scaling-service --bins
-	$(CARGO) bench -q -p devstack --bench sessions
+	$(CARGO) build -q --release --workspace --bins
+	$(CARGO) bench -q --workspace --bench subscription_delay
+	$(CARGO) bench -q --workspace --bench spinup
+	$(CARGO) bench -q --workspace --bench json_transport
+	$(CARGO) bench -q --workspace --bench decision
+	$(CARGO) bench -q --workspace --bench assign
+	$(CARGO) bench -q --workspace --bench sessions
 
 schema:
 	$(CARGO) run -q -p devstack --bin whist-devstack -- print-schema > schema.graphql.new

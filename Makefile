@@ -21,6 +21,10 @@ APT_PACKAGES := postgresql:initdb shellcheck:shellcheck apparmor:apparmor_parser
                 jq:jq curl:curl iproute2:ip iptables:iptables packer:packer
 OPTIONAL_APT_PACKAGES := packer
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# What must run as root (the host service, and devstack's --system, which starts host services)
+# runs through sudo for another user, with --preserve-env so the variables the target and the
+# caller set (.devstack/env, WHIST_LOG=debug ...) still reach it.
+SUDO_ENV := $(if $(SUDO),$(SUDO) --preserve-env)
 
 .PHONY: help setup setup-system setup-python setup-image build run run-stack chaos test check check-artifacts fmt clippy bench schema \
         run_host_service run_host_service_localdev run_host_service_localdevwithdb run_host_service_dev \
@@ -86,10 +90,12 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 # The whole system: devstack, the scaling service launching hosts into moto, and a host service
-# per launched instance (docs/walkthrough.md). `make run-stack` brings up the stack alone.
+# per launched instance (docs/walkthrough.md). `make run-stack` brings up the stack alone. The host
+# services must be root, so devstack runs as root (through sudo for another user; it hands
+# .devstack/env back to that user).
 run: setup
 	$(CARGO) build -p devstack -p host-service -p scaling-service --bins
-	$(CARGO_TARGET_DIR)/debug/whist-devstack up --system
+	$(SUDO_ENV) $(CARGO_TARGET_DIR)/debug/whist-devstack up --system
 
 run-stack: setup
 	$(CARGO) build -p devstack
@@ -146,14 +152,12 @@ schema:
 
 # The services against the local stack: start `make run-stack` first, in another terminal. The host
 # service takes the stack's default identity (its fake IMDS) and keeps its files in .devstack/whist.
-# It runs as root (it refuses anything else): through sudo for another user, with
-# --preserve-env, so the stack's variables (.devstack/env) and the caller's (WHIST_LOG=debug ...)
-# reach it. The variants are the original's: `_localdev` (no database: a json_transport request
+# It runs as root (it refuses anything else), through sudo for another user (SUDO_ENV). The
+# variants are the original's: `_localdev` (no database: a json_transport request
 # starts its mandelbox), `_localdevwithdb` (the stack's database), `_dev` (a dev host: real IMDS,
 # the Hasura named by HASURA_GRAPHQL_URL and HASURA_ADMIN_SECRET, readable logs).
 HOST_SERVICE_LOCAL := WHIST_ROOT=$(CURDIR)/.devstack/whist WHIST_GPU_OVERRIDE=2 WHIST_OPS_ADDR=127.0.0.1:4679
 HOST_SERVICE_BIN := $(CARGO_TARGET_DIR)/debug/whist-host-service
-SUDO_ENV := $(if $(SUDO),$(SUDO) --preserve-env)
 NEED_STACK := test -f .devstack/env || { echo "start the stack first, in another terminal: make run-stack"; exit 1; }
 NEED_HASURA := test -n "$${HASURA_GRAPHQL_URL:-}" -a -n "$${HASURA_ADMIN_SECRET:-}" || \
   { echo "set HASURA_GRAPHQL_URL (https://...) and HASURA_ADMIN_SECRET to the dev deployment's"; exit 1; }

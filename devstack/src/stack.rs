@@ -320,6 +320,8 @@ impl Stack {
         self.jwks.stop();
         self.tasks.close();
         self.tasks.wait().await;
+        // The endpoint has stopped serving; its change listener goes before PostgreSQL does.
+        self.hasura.stop_listener().await;
         if let Some(moto) = self.moto.take() {
             moto.stop().await;
         }

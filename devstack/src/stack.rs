@@ -320,8 +320,9 @@ impl Stack {
         self.jwks.stop();
         self.tasks.close();
         self.tasks.wait().await;
-        // The endpoint has stopped serving; its change listener goes before PostgreSQL does.
-        self.hasura.stop_listener().await;
+        // The endpoint has stopped serving; its sessions (the change listener, the pool) end
+        // before PostgreSQL does.
+        self.hasura.close_sessions().await;
         if let Some(moto) = self.moto.take() {
             moto.stop().await;
         }

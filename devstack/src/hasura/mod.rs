@@ -123,7 +123,7 @@ pub(crate) struct Engine {
     /// Qualified names of tables with committed changes, from the LISTEN connection.
     changes: broadcast::Sender<Arc<str>>,
     _stop_listener: DropGuard,
-    /// The LISTEN task, taken by [`Hasura::stop_listener`].
+    /// The LISTEN task, taken by [`Hasura::close_sessions`].
     listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     stop_listener: CancellationToken,
 }
@@ -151,10 +151,13 @@ pub(crate) struct SocketControl {
 }
 
 impl Hasura {
-    /// Stops the change listener (its LISTEN session) and waits until it has, so that stopping
-    /// PostgreSQL next is not reported as a lost connection. Live queries still re-run on their
-    /// interval. For the stack's final shutdown; a database outage keeps it (it reconnects).
-    pub async fn stop_listener(&self) {
+    /// Ends the endpoint's database sessions: stops the change listener (its LISTEN session)
+    /// and waits until it has, and closes the pool (its idle connections dropped), so that
+    /// stopping PostgreSQL next is not reported as lost connections. For the stack's final
+    /// shutdown, once the endpoint no longer serves; a database outage keeps both (they
+    /// reconnect).
+    pub async fn close_sessions(&self) {
+        self.engine.pool.close();
         self.engine.stop_listener.cancel();
         let task = match self.engine.listener.lock() {
             Ok(mut guard) => guard.take(),

@@ -21,9 +21,15 @@ APT_PACKAGES := postgresql:initdb shellcheck:shellcheck apparmor:apparmor_parser
                 jq:jq curl:curl iproute2:ip iptables:iptables packer:packer
 OPTIONAL_APT_PACKAGES := packer
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# What must run as root (the host service, and devstack's --system, which starts host services)
+# runs through sudo for another user, with --preserve-env so the variables the target and the
+# caller set (.devstack/env, WHIST_LOG=debug ...) still reach it.
+SUDO_ENV := $(if $(SUDO),$(SUDO) --preserve-env)
 
 .PHONY: help setup setup-system setup-python setup-image build run run-stack chaos test check check-artifacts fmt clippy bench schema \
-        run_host_service run_host_service_localdevwithdb run_scaling_service run_scaling_service_localdevwithdb run_scaling_service_simulation
+        run_host_service run_host_service_localdev run_host_service_localdevwithdb run_host_service_dev \
+        run_scaling_service run_scaling_service_localdev run_scaling_service_localdevwithdb run_scaling_service_dev \
+        run_scaling_service_simulation
 
 help:
 	@echo "make run     run the whole system: the stack, the scaling service, a host service per launched instance; Ctrl-C stops it"
@@ -33,7 +39,13 @@ help:
 	@echo "make check   cargo fmt --check + clippy -D warnings + make test"
 	@echo "make bench   print the benchmarks' figures"
 	@echo "make schema  regenerate schema.graphql from the migrations"
-	@echo "make run_host_service / run_host_service_localdevwithdb / run_scaling_service"
+	@echo "make run_host_service_localdevwithdb   a host service against the stack (make run-stack first; as root, through sudo)"
+	@echo "make run_host_service[_localdev]       the same without the database: a json_transport request starts its mandelbox"
+	@echo "make run_host_service_dev              a host service on a dev EC2 host (HASURA_GRAPHQL_URL, HASURA_ADMIN_SECRET set)"
+	@echo "make run_scaling_service[_localdevwithdb]  the scaling service against the stack, launching into its moto"
+	@echo "make run_scaling_service_localdev      the same with an in-memory cloud (hosts never boot)"
+	@echo "make run_scaling_service_dev           the scaling service against the dev deployment (HASURA_*, AUTH0_*, AWS credentials set)"
+	@echo "make run_scaling_service_simulation    the default algorithm against a demand trace (.simulation/)"
 
 setup: setup-system setup-python setup-image
 
@@ -78,10 +90,12 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 # The whole system: devstack, the scaling service launching hosts into moto, and a host service
-# per launched instance (docs/walkthrough.md). `make run-stack` brings up the stack alone.
+# per launched instance (docs/walkthrough.md). `make run-stack` brings up the stack alone. The host
+# services must be root, so devstack runs as root (through sudo for another user; it hands
+# .devstack/env back to that user).
 run: setup
 	$(CARGO) build -p devstack -p host-service -p scaling-service --bins
-	$(CARGO_TARGET_DIR)/debug/whist-devstack up --system
+	$(SUDO_ENV) $(CARGO_TARGET_DIR)/debug/whist-devstack up --system
 
 run-stack: setup
 	$(CARGO) build -p devstack
@@ -139,23 +153,51 @@ schema:
 
 # The services against the local stack: start `make run-stack` first, in another terminal. The host
 # service takes the stack's default identity (its fake IMDS) and keeps its files in .devstack/whist.
+# It runs as root (it refuses anything else), through sudo for another user (SUDO_ENV). The
+# variants are the original's: `_localdev` (no database: a json_transport request
+# starts its mandelbox), `_localdevwithdb` (the stack's database), `_dev` (a dev host: real IMDS,
+# the Hasura named by HASURA_GRAPHQL_URL and HASURA_ADMIN_SECRET, readable logs).
 HOST_SERVICE_LOCAL := WHIST_ROOT=$(CURDIR)/.devstack/whist WHIST_GPU_OVERRIDE=2 WHIST_OPS_ADDR=127.0.0.1:4679
+HOST_SERVICE_BIN := $(CARGO_TARGET_DIR)/debug/whist-host-service
+NEED_STACK := test -f .devstack/env || { echo "start the stack first, in another terminal: make run-stack"; exit 1; }
+NEED_HASURA := test -n "$${HASURA_GRAPHQL_URL:-}" -a -n "$${HASURA_ADMIN_SECRET:-}" || \
+  { echo "set HASURA_GRAPHQL_URL (https://...) and HASURA_ADMIN_SECRET to the dev deployment's"; exit 1; }
 
 run_host_service_localdevwithdb:
-	@test -f .devstack/env || { echo "start the stack first: make run-stack"; exit 1; }
+	@$(NEED_STACK)
 	$(CARGO) build -p host-service --bin whist-host-service
-	. .devstack/env && APP_ENV=localdevwithdb $(HOST_SERVICE_LOCAL) $(CARGO_TARGET_DIR)/debug/whist-host-service
+	. .devstack/env && $(SUDO_ENV) env APP_ENV=localdevwithdb $(HOST_SERVICE_LOCAL) $(HOST_SERVICE_BIN)
 
-run_host_service:
-	@test -f .devstack/env || { echo "start the stack first: make run-stack (the host reads its identity from its fake IMDS)"; exit 1; }
+run_host_service_localdev:
+	@$(NEED_STACK)
 	$(CARGO) build -p host-service --bin whist-host-service
-	. .devstack/env && APP_ENV=localdev $(HOST_SERVICE_LOCAL) $(CARGO_TARGET_DIR)/debug/whist-host-service
+	. .devstack/env && $(SUDO_ENV) env APP_ENV=localdev $(HOST_SERVICE_LOCAL) $(HOST_SERVICE_BIN)
 
+# As in the original, `run_host_service` is the localdev variant.
+run_host_service: run_host_service_localdev
+
+run_host_service_dev:
+	@$(NEED_HASURA)
+	$(CARGO) build -p host-service --bin whist-host-service
+	$(SUDO_ENV) env APP_ENV=dev WHIST_LOG_FORMAT=pretty $(HOST_SERVICE_BIN)
+
+# The scaling service needs no root. `_localdevwithdb` launches hosts into the stack's moto (start
+# the stack with `make run-stack`; `make run` runs this service itself), `_localdev` into an
+# in-memory cloud whose hosts never boot, `_dev` into the AWS account of the caller's credentials
+# (HASURA_GRAPHQL_URL, HASURA_ADMIN_SECRET, AUTH0_* set; see docs/scaling-service.md).
 run_scaling_service_localdevwithdb:
-	@test -f .devstack/env || { echo "start the stack first: make run-stack"; exit 1; }
+	@$(NEED_STACK)
 	. .devstack/env && APP_ENV=localdevwithdb $(CARGO) run -p scaling-service --bin whist-scaling-service
 
+run_scaling_service_localdev:
+	@$(NEED_STACK)
+	. .devstack/env && APP_ENV=localdev WHIST_CLOUD=memory $(CARGO) run -p scaling-service --bin whist-scaling-service
+
 run_scaling_service: run_scaling_service_localdevwithdb
+
+run_scaling_service_dev:
+	@$(NEED_HASURA)
+	APP_ENV=dev WHIST_LOG_FORMAT=pretty $(CARGO) run -p scaling-service --bin whist-scaling-service
 
 # The default algorithm against the sample demand trace: plot.svg and summary.txt in .simulation/.
 run_scaling_service_simulation:

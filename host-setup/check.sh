@@ -3,7 +3,8 @@
 # configuration, udev and sysctl files, the Packer template, the EC2 user data),
 # scaling-service/deploy/ (Dockerfile, Procfile, heroku.yml, release and deploy scripts) and
 # docs/observability/ (Grafana dashboard, Prometheus alerts) against each other and against the
-# services' code. Run by `make check-artifacts` (part of `make test`).
+# services' code; and docs/parity.md's rows against the workspace (every name a row gives exists).
+# Run by `make check-artifacts` (part of `make test`).
 #
 # A check whose tool is missing is reported as "skip" with the reason, never as passed; the
 # Makefile's setup-system installs every tool on Debian. The last line reads "N passed, M failed"
@@ -694,6 +695,11 @@ check "metrics: every metric in the dashboard and alerts is documented; host met
   "${HELPER[@]}" metrics
 check "docs/operations.md: every operation has its section; links resolve" \
   "${HELPER[@]}" operations-doc
+
+# --- docs ---------------------------------------------------------------------------------------
+
+check "docs/parity.md: every file, function, target, flag, variable and metric a row names exists" \
+  "${HELPER[@]}" parity
 
 echo
 if ((skipped)); then echo "($skipped skipped: their tool is missing)"; fi

@@ -628,6 +628,144 @@ def check_operations_doc() -> None:
             fail(f"docs/operations.md never mentions {script}")
 
 
+# --- docs/parity.md: every name in a row is one the workspace has --------------------------------
+
+PARITY = ROOT / "docs" / "parity.md"
+# Where the code lives: what a row may name. docs/ is left out, so a row cannot vouch for itself.
+SOURCE_DIRS = ("host-service", "scaling-service", "dbclient", "devstack", "host-setup", "logger",
+               "database")
+SOURCE_FILES = ("Makefile", "Cargo.toml", "schema.graphql", ".ci/run")
+SOURCE_SUFFIXES = {".rs", ".sh", ".toml", ".json", ".sql", ".graphql", ".yml", ".yaml", ".py",
+                   ".service", ".hcl", ".conf", ".rules", ".example", ".txt", ".csv", ""}
+FILE_SUFFIXES = (".rs", ".sh", ".md", ".toml", ".json", ".sql", ".graphql", ".yml", ".yaml",
+                 ".py", ".service", ".hcl", ".csv")
+RUST_PATH = re.compile(r"^[A-Za-z_][\w]*(?:\.rs)?(?:::[A-Za-z_]\w*)+(?:\(.*\))?$")
+
+
+def source_files() -> list[Path]:
+    files = [ROOT / f for f in SOURCE_FILES if (ROOT / f).is_file()]
+    for d in SOURCE_DIRS:
+        for path in sorted((ROOT / d).rglob("*")):
+            if path.is_file() and "target" not in path.relative_to(ROOT).parts \
+                    and (path.suffix in SOURCE_SUFFIXES or path.name == "Dockerfile" or path.name == "Procfile"):
+                files.append(path)
+    return files
+
+
+def parity_rows() -> list[tuple[int, str, str]]:
+    """(line number, row id, the "here" column) of every feature table row in docs/parity.md."""
+    rows = []
+    for n, line in enumerate(PARITY.read_text().splitlines(), 1):
+        cells = [c.strip() for c in line.strip().split("|")[1:-1]]
+        if len(cells) < 4 or cells[0] in ("#", "") or set(cells[0]) <= set("-: "):
+            continue
+        rows.append((n, cells[0], cells[-1]))
+    return rows
+
+
+class Workspace:
+    def __init__(self) -> None:
+        self.files = source_files()
+        self.rel = {str(f.relative_to(ROOT)) for f in self.files}
+        self.names = {f.name for f in self.files}
+        self.text = {f: f.read_text(errors="replace") for f in self.files}
+        self.all = "\n".join(self.text.values())
+        self.rust = "\n".join(t for f, t in self.text.items() if f.suffix == ".rs")
+        self.makefile = (ROOT / "Makefile").read_text()
+        self.migrations = "\n".join(
+            t for f, t in self.text.items() if f.parent.name == "migrations")
+
+    def path(self, token: str) -> str | None:
+        """A repository path, `path:line`, `dir/`, a prefix of a file name
+        (`database/migrations/0001`) or a bare file name found anywhere in the sources."""
+        path = re.sub(r":\d+(-\d+)?$", "", token).rstrip("/")
+        if (ROOT / path).exists():
+            return None
+        if "/" not in path and path in self.names:
+            return None
+        if "/" in path and any(r.endswith("/" + path) for r in self.rel):
+            return None  # a path inside a crate, e.g. json_transport/tls.rs
+        parent = (ROOT / path).parent
+        if "/" in path and parent.is_dir() and any(c.name.startswith(Path(path).name) for c in parent.iterdir()):
+            return None
+        return f"no file {token}"
+
+    def rust_item(self, token: str) -> str | None:
+        """`a::b::c` (or `file.rs::fn`): every segment is a crate, module, file, type or function."""
+        path = re.sub(r"\(.*\)$", "", token)
+        segments = path.split("::")
+        text = self.rust
+        if segments[0].endswith(".rs"):
+            matches = [t for f, t in self.text.items() if f.name == segments[0]]
+            if not matches:
+                return f"no file {segments[0]}"
+            text = "\n".join(matches)
+            segments = segments[1:]
+        for seg in segments:
+            if seg[0].isupper():
+                if not re.search(rf"\b(struct|enum|trait|type)\s+{seg}\b", text):
+                    return f"no type {seg} (in {token})"
+            elif not (re.search(rf"\b(fn|mod)\s+{seg}\b", text) or f"{seg}.rs" in self.names
+                      or (ROOT / seg.replace("_", "-") / "Cargo.toml").exists()
+                      or (ROOT / seg / "Cargo.toml").exists()
+                      or any(f"/{seg}/" in r for r in self.rel)):
+                return f"no function, module or crate {seg} (in {token})"
+        return None
+
+    def flag(self, token: str) -> str | None:
+        name = token.split("=")[0][2:]
+        if re.search(rf'long\s*=\s*"{name}"', self.rust) or \
+                re.search(rf"\bpub\s+{name.replace('-', '_')}\s*:", self.rust) or token.split("=")[0] in self.all:
+            return None
+        return f"no flag {token}"
+
+    def literal(self, token: str) -> str | None:
+        return None if token in self.all else f"{token} appears nowhere in the sources"
+
+    def check(self, token: str) -> str | None:
+        """None when the token names something that exists (or is not a name), else why not."""
+        if " " in token or "<" in token or "://" in token or token[0] in "[{":
+            if m := re.fullmatch(r"make ([\w-]+)", token):
+                return None if re.search(rf"^{re.escape(m[1])}:", self.makefile, re.M) else f"no Makefile target {m[1]}"
+            if m := re.match(r"([A-Za-z_]\w*(?:::\w+)+)\(", token):
+                return self.rust_item(m[1])
+            return None  # prose, a placeholder or a URL
+        if RUST_PATH.match(token):
+            return self.rust_item(token)
+        if m := re.fullmatch(r"(\w+)\(\)", token):
+            return None if re.search(rf"\bfn\s+{m[1]}\b", self.rust) else f"no function {m[1]}"
+        if token.startswith("--"):
+            return self.flag(token)
+        if m := re.fullmatch(r"whist\.(\w+)(?:\.(\w+))?", token):
+            missing = [x for x in m.groups() if x and not re.search(rf"\b{x}\b", self.migrations)]
+            return f"no table or column {', '.join(missing)} in database/migrations" if missing else None
+        if token.startswith("/"):
+            return None if token in self.all else f"{token} appears nowhere in the sources"
+        first = token.split("/")[0]
+        if ("/" in token and (ROOT / first).is_dir()) or re.search(
+                r"\.(" + "|".join(s[1:] for s in FILE_SUFFIXES) + r")(:\d+(-\d+)?)?$", token):
+            return self.path(token)
+        return self.literal(token)
+
+
+def check_parity() -> None:
+    """Every backticked name in the "here" column of docs/parity.md (a file, a Rust item, a
+    Makefile target, a flag, an environment variable, a metric, a table) exists in the sources."""
+    workspace = Workspace()
+    rows = parity_rows()
+    if len(rows) < 150:
+        fail(f"docs/parity.md: found only {len(rows)} table rows")
+    for line, row, here in rows:
+        for token in re.findall(r"`([^`]+)`", here):
+            if problem := workspace.check(token):
+                fail(f"docs/parity.md:{line} (row {row}): {problem}")
+        # Paths written without backticks, e.g. "(docs/database.md)".
+        prose = re.sub(r"`[^`]*`", "", here)
+        for token in re.findall(r"(?<![\w/.-])((?:docs|" + "|".join(SOURCE_DIRS) + r")/[\w./-]*\w)", prose):
+            if problem := workspace.path(token):
+                fail(f"docs/parity.md:{line} (row {row}): {problem}")
+
+
 COMMANDS = {
     "unit": check_unit,
     "env-vars": check_env_vars,
@@ -642,6 +780,7 @@ COMMANDS = {
     "alerts": check_alerts,
     "metrics": check_metrics,
     "operations-doc": check_operations_doc,
+    "parity": check_parity,
 }
 
 if __name__ == "__main__":

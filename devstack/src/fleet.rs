@@ -322,7 +322,7 @@ impl Watcher {
             .collect();
         let grace = self.options.stop_grace;
         futures::future::join_all(hosts.into_iter().map(|mut host| async move {
-            stop_child(&mut host, grace).await;
+            stop_child(&mut host, grace, StopKind::Now).await;
             if let Some(proxy) = host.docker_proxy.take() {
                 proxy.close();
             }
@@ -479,6 +479,10 @@ impl Watcher {
         let options = &self.options;
         let mut command = Command::new(&options.host_binary);
         command
+            // Its own process group, as under systemd: a terminal's Ctrl-C reaches devstack
+            // alone, and the host service gets one SIGTERM (a drain) from the fleet, not a
+            // SIGINT first that the SIGTERM would turn into "stop the mandelboxes now".
+            .process_group(0)
             .env_clear()
             .envs(
                 ["PATH", "HOME"]
@@ -591,7 +595,7 @@ impl Watcher {
         self.tasks.spawn(async move {
             let mut host = host;
             let id = host.info.instance_id.clone();
-            let status = stop_child(&mut host, grace).await;
+            let status = stop_child(&mut host, grace, StopKind::Drain).await;
             if let Some(proxy) = lock(&state)
                 .hosts
                 .get(&id)
@@ -620,14 +624,40 @@ impl Watcher {
     }
 }
 
-/// SIGTERM, then SIGKILL after `grace`. Returns the exit code when it had to stop a process.
-async fn stop_child(host: &mut Host, grace: Duration) -> Option<Option<i32>> {
+/// How a host service is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopKind {
+    /// One SIGTERM: it drains (a terminated instance, as systemd stops the unit).
+    Drain,
+    /// The fleet itself stops (devstack's Ctrl-C): a second SIGTERM after
+    /// [`SECOND_SIGNAL_AFTER`] stops its mandelboxes at once instead of waiting for the drain
+    /// deadline, as a second Ctrl-C would.
+    Now,
+}
+
+/// Between the two SIGTERMs of [`StopKind::Now`]: long enough for the first to be taken as its
+/// own signal (signals sent together may be delivered as one).
+const SECOND_SIGNAL_AFTER: Duration = Duration::from_millis(300);
+
+/// SIGTERM (twice for [`StopKind::Now`]), then SIGKILL after `grace`. Returns the exit code
+/// when it had to stop a process.
+async fn stop_child(host: &mut Host, grace: Duration, kind: StopKind) -> Option<Option<i32>> {
     let mut child = host.child.take()?;
-    if let Some(pid) = child.id() {
+    let term = |pid: u32| {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
+    };
+    if let Some(pid) = child.id() {
+        term(pid);
+        if kind == StopKind::Now
+            && tokio::time::timeout(SECOND_SIGNAL_AFTER, child.wait())
+                .await
+                .is_err()
+        {
+            term(pid);
+        }
     }
     let status = match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status.ok(),

@@ -41,6 +41,9 @@ impl Moto {
         let port = crate::postgres::free_port().map_err(MotoError::Spawn)?;
         let mut child = Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // Its own process group: a terminal's Ctrl-C reaches devstack alone, which stops
+            // moto last, after the fleet's final EC2 calls.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

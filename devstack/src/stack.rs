@@ -78,6 +78,8 @@ impl Stack {
             .canonicalize()
             .with_context(|| format!("resolving {}", options.state_dir.display()))?;
         let lock = claim_state_dir(&state_dir)?;
+        hand_back_to_sudo_user(&state_dir);
+        hand_back_to_sudo_user(&state_dir.join(PID_FILE));
 
         let postgres = Postgres::start(Some(&state_dir)).context("starting PostgreSQL")?;
         let database_url = postgres.url("postgres");
@@ -308,6 +310,7 @@ impl Stack {
         file.write_all(text.as_bytes())?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        hand_back_to_sudo_user(&path);
         Ok(())
     }
 
@@ -317,6 +320,9 @@ impl Stack {
         self.jwks.stop();
         self.tasks.close();
         self.tasks.wait().await;
+        // The endpoint has stopped serving; its sessions (the change listener, the pool) end
+        // before PostgreSQL does.
+        self.hasura.close_sessions().await;
         if let Some(moto) = self.moto.take() {
             moto.stop().await;
         }
@@ -467,6 +473,23 @@ async fn delete_imds(
             StatusCode::NO_CONTENT
         }
         None => StatusCode::NOT_FOUND,
+    }
+}
+
+/// Run as root through sudo (`make run` for a user who is not root: the host services it starts
+/// must be root), the files that user reads or that a later devstack of theirs reuses (the state
+/// directory, its pid file, the env file) are handed back to them, so `. .devstack/env` works in
+/// their other shells and `make run-stack` works without sudo afterwards.
+fn hand_back_to_sudo_user(path: &Path) {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let id = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let (Some(uid), Some(gid)) = (id("SUDO_UID"), id("SUDO_GID")) else {
+        return;
+    };
+    if let Err(error) = std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+        tracing::warn!(path = %path.display(), %error, "cannot hand the file back to the sudo user");
     }
 }
 

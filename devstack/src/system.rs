@@ -259,6 +259,9 @@ impl System {
             )
             .envs(c.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("NO_COLOR", "1")
+            // Its own process group: a terminal's Ctrl-C reaches devstack alone, which stops
+            // the scaling service first (`System::down`).
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -123,6 +123,9 @@ pub(crate) struct Engine {
     /// Qualified names of tables with committed changes, from the LISTEN connection.
     changes: broadcast::Sender<Arc<str>>,
     _stop_listener: DropGuard,
+    /// The LISTEN task, taken by [`Hasura::close_sessions`].
+    listener: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stop_listener: CancellationToken,
 }
 
 impl std::fmt::Debug for Engine {
@@ -148,6 +151,23 @@ pub(crate) struct SocketControl {
 }
 
 impl Hasura {
+    /// Ends the endpoint's database sessions: stops the change listener (its LISTEN session)
+    /// and waits until it has, and closes the pool (its idle connections dropped), so that
+    /// stopping PostgreSQL next is not reported as lost connections. For the stack's final
+    /// shutdown, once the endpoint no longer serves; a database outage keeps both (they
+    /// reconnect).
+    pub async fn close_sessions(&self) {
+        self.engine.pool.close();
+        self.engine.stop_listener.cancel();
+        let task = match self.engine.listener.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
     /// Connects to `database_url`, installs the NOTIFY triggers live queries listen to, reads the
     /// tracked tables (from `database::HASURA_METADATA`) and their columns from the catalogs,
     /// and builds the schema.
@@ -217,7 +237,7 @@ impl Hasura {
                 })?;
         let (changes, _) = broadcast::channel(live::CHANGES_CAPACITY);
         let stop_listener = CancellationToken::new();
-        tokio::spawn(live::run_listener(
+        let listener = tokio::spawn(live::run_listener(
             config,
             changes.clone(),
             stop_listener.clone(),
@@ -233,7 +253,9 @@ impl Hasura {
                 pool,
                 options,
                 changes,
-                _stop_listener: stop_listener.drop_guard(),
+                _stop_listener: stop_listener.clone().drop_guard(),
+                listener: std::sync::Mutex::new(Some(listener)),
+                stop_listener,
             }),
         })
     }

@@ -139,6 +139,8 @@ pub async fn run(config: Config, signals: Signals) -> Result<Stopped, HostError>
         name = ?identity.name,
         "identity read from IMDS"
     );
+    let tags = identity.report_tags(&config.commit);
+    logger::tag_scope(tags.iter().map(|(key, value)| (*key, value.as_str())));
     let runtime = DockerRuntime::connect(&config.docker_socket).await?;
     run_with(config, identity, runtime, signals, |_| {}).await
 }

@@ -73,6 +73,24 @@ pub struct InstanceIdentity {
     pub name: Option<String>,
 }
 
+impl InstanceIdentity {
+    /// What every error report from this host carries (Sentry's scope tags), so an event names
+    /// the host it came from: the identity IMDS gave and the commit this binary was built from.
+    pub fn report_tags(&self, commit: &str) -> Vec<(&'static str, String)> {
+        let mut tags = vec![
+            ("instance.id", self.instance_id.to_string()),
+            ("instance.ami", self.ami_id.to_string()),
+            ("instance.type", self.instance_type.clone()),
+            ("region", self.region.to_string()),
+            ("commit", commit.to_owned()),
+        ];
+        if let Some(name) = &self.name {
+            tags.push(("instance.name", name.clone()));
+        }
+        tags
+    }
+}
+
 /// Why the identity could not be read. Every variant names the endpoint (and path) involved.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
@@ -343,6 +361,27 @@ mod tests {
             private_ipv4: Some(Ipv4Addr::new(10, 0, 0, 1)),
             name: None,
         }
+    }
+
+    #[test]
+    fn report_tags_name_the_host_and_its_commit() {
+        let tags = identity().report_tags("abc123");
+        let get = |key: &str| {
+            tags.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("instance.id"), Some("i-0123456789abcdef0"));
+        assert_eq!(get("instance.ami"), Some("ami-0123456789abcdef0"));
+        assert_eq!(get("instance.type"), Some("g4dn.xlarge"));
+        assert_eq!(get("region"), Some("us-east-1"));
+        assert_eq!(get("commit"), Some("abc123"));
+        assert_eq!(get("instance.name"), None);
+        let named = InstanceIdentity {
+            name: Some("host-7".into()),
+            ..identity()
+        };
+        assert!(named.report_tags("abc123").contains(&("instance.name", "host-7".into())));
     }
 
     #[tokio::test]

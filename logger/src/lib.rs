@@ -188,6 +188,18 @@ fn init_sentry(
     Ok(guard)
 }
 
+/// Adds tags to every Sentry event this process sends from now on (the host's identity once it
+/// has read IMDS: instance id, AMI, region, instance type, commit). Harmless without Sentry.
+/// Tag values are identifiers, never secrets: callers pass no credential here.
+pub fn tag_scope<'a>(tags: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    let tags: Vec<(&str, &str)> = tags.into_iter().collect();
+    sentry::configure_scope(|scope| {
+        for (key, value) in &tags {
+            scope.set_tag(key, value);
+        }
+    });
+}
+
 /// Logs every panic as an ERROR event with its location, then runs the previous hook (Sentry's,
 /// when enabled, and Rust's default message).
 fn install_panic_hook() {

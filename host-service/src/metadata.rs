@@ -381,7 +381,11 @@ mod tests {
             name: Some("host-7".into()),
             ..identity()
         };
-        assert!(named.report_tags("abc123").contains(&("instance.name", "host-7".into())));
+        assert!(
+            named
+                .report_tags("abc123")
+                .contains(&("instance.name", "host-7".into()))
+        );
     }
 
     #[tokio::test]

@@ -18,19 +18,14 @@
 //! is bounded by a timeout. The access token is never printed: [`AccessToken`]'s `Debug` hides
 //! it, and errors carry status codes and the servers' error codes, never request headers.
 
+use edge::error_chain;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -328,143 +323,28 @@ impl JsonTransportAnswer {
     }
 }
 
-/// Lowercase hex of the SHA-256 of `der`: what `whist.instances.tls_fingerprint` holds for a
-/// host's certificate.
-pub fn fingerprint_of(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use edge::pin::{PinnedVerifier, crypto_provider, fingerprint_of};
 
 /// A fingerprint as 64 lowercase hex digits; also accepts openssl's form
 /// (`AB:CD:...`, upper case with colons).
 pub fn normalize_fingerprint(fingerprint: &str) -> Result<String, ClientError> {
-    let digits: String = fingerprint
-        .trim()
-        .chars()
-        .filter(|c| *c != ':')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    if digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(digits)
-    } else {
-        Err(ClientError::Invalid {
-            what: "TLS fingerprint",
-            reason: format!("{fingerprint:?}: 64 hex digits (SHA-256) expected"),
-        })
-    }
+    edge::pin::normalize_fingerprint(fingerprint).map_err(invalid_fingerprint)
 }
 
-/// The certificate the server presented is not the pinned one.
-#[derive(thiserror::Error)]
-#[error("certificate fingerprint {presented} is not the pinned {pinned}")]
-struct PinMismatch {
-    presented: String,
-    pinned: String,
-}
-
-/// rustls shows a certificate error's cause with `Debug`: make that the sentence.
-impl fmt::Debug for PinMismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+fn invalid_fingerprint(error: edge::pin::InvalidFingerprint) -> ClientError {
+    ClientError::Invalid {
+        what: "TLS fingerprint",
+        reason: error.to_string(),
     }
-}
-
-/// Accepts exactly the server certificate whose SHA-256 is the pinned fingerprint, whatever its
-/// names, issuer or dates (the host's certificate is self-signed and its fingerprint comes from
-/// an authenticated source, the assignment). The handshake signatures are still verified with
-/// the provider's algorithms, so the server must hold the certificate's key.
-#[derive(Debug)]
-pub struct PinnedVerifier {
-    fingerprint: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl PinnedVerifier {
-    pub fn new(fingerprint: &str, provider: Arc<CryptoProvider>) -> Result<Self, ClientError> {
-        Ok(Self {
-            fingerprint: normalize_fingerprint(fingerprint)?,
-            provider,
-        })
-    }
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = fingerprint_of(end_entity);
-        if presented == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
-                    presented,
-                    pinned: self.fingerprint.clone(),
-                }))),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// rustls with aws-lc-rs, as the host's endpoint.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// A client configuration that trusts only the certificate with `fingerprint` (TLS 1.2 and
 /// 1.3, ALPN `http/1.1`: the host's endpoint speaks HTTP/1.1 only).
 pub fn pinned_tls_config(fingerprint: &str) -> Result<rustls::ClientConfig, ClientError> {
-    let provider = crypto_provider();
-    let verifier = PinnedVerifier::new(fingerprint, provider.clone())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    edge::pin::pinned_client_config(fingerprint).map_err(|error| match error {
+        edge::pin::PinError::Fingerprint(error) => invalid_fingerprint(error),
+        edge::pin::PinError::Tls(reason) => ClientError::Tls(reason),
+    })
 }
 
 /// What the client talks to, and how long it waits.
@@ -1197,21 +1077,6 @@ fn checked_base_url(what: &'static str, url: &str) -> Result<String, ClientError
         });
     }
     Ok(url.trim().trim_end_matches('/').to_owned())
-}
-
-/// An error and its sources, e.g. "error sending request: connection refused".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
 }
 
 fn request_error(step: Step, url: &str, error: reqwest::Error) -> ClientError {

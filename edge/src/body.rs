@@ -45,22 +45,26 @@ pub fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Whether the declared length already exceeds the limit; if so, and it is within
-/// [`BodyLimits::drain_bytes`], the body has been drained for the caller's 413.
-pub async fn refuse_declared_oversize<B>(headers: &HeaderMap, body: B, limits: &BodyLimits) -> bool
+/// The body back, unless its declared length already exceeds the limit: then
+/// [`BodyError::TooLarge`], and if the length is within [`BodyLimits::drain_bytes`] the body
+/// has been drained first, so the client reads the caller's 413.
+pub async fn check_declared_length<B>(
+    headers: &HeaderMap,
+    body: B,
+    limits: &BodyLimits,
+) -> Result<B, BodyError>
 where
     B: http_body::Body + Unpin,
 {
-    let Some(length) = content_length(headers) else {
-        return false;
-    };
-    if length <= limits.max_bytes as u64 {
-        return false;
+    match content_length(headers) {
+        Some(length) if length > limits.max_bytes as u64 => {
+            if length <= limits.drain_bytes {
+                drain(body, limits).await;
+            }
+            Err(BodyError::TooLarge(limits.max_bytes))
+        }
+        _ => Ok(body),
     }
-    if length <= limits.drain_bytes {
-        drain(body, limits).await;
-    }
-    true
 }
 
 /// The body, at most [`BodyLimits::max_bytes`], within [`BodyLimits::read_timeout`]. An
@@ -148,6 +152,18 @@ mod tests {
         assert_eq!(ok, Ok(Bytes::from_static(b"12345678")));
         let big = read_body(Full::new(Bytes::from_static(b"123456789")), &LIMITS).await;
         assert_eq!(big, Err(BodyError::TooLarge(8)));
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_over_the_limit_is_refused_before_reading() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, "9".parse().unwrap());
+        let body = Full::new(Bytes::from_static(b"123456789"));
+        let refused = check_declared_length(&headers, body, &LIMITS).await;
+        assert_eq!(refused.err(), Some(BodyError::TooLarge(8)));
+        headers.insert(header::CONTENT_LENGTH, "8".parse().unwrap());
+        let body = Full::new(Bytes::from_static(b"12345678"));
+        assert!(check_declared_length(&headers, body, &LIMITS).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthError, TokenVerifier};
+use crate::auth::{AuthError, TokenVerifier, bearer_token};
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::region::{Event, PROVIDER};
@@ -295,14 +295,12 @@ async fn assign_inner(
             error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", None),
         );
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let user = match token {
+    let user = match headers.get(header::AUTHORIZATION) {
         None => Err(AuthError::Missing),
-        Some(token) => state.verifier.verify(token).await,
+        Some(value) => match bearer_token(value.as_bytes()) {
+            Ok(token) => state.verifier.verify(token).await,
+            Err(error) => Err(error),
+        },
     };
     let user = match user {
         Ok(user) => user,

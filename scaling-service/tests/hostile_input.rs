@@ -189,6 +189,68 @@ fn a_flood_of_unknown_kids_fetches_the_jwks_at_most_once_per_interval() {
     });
 }
 
+/// The scheduled refresh (#20): before the verifiers were one, the scaling service fetched the
+/// JWKS only on an unknown `kid`, so a key the issuer revoked was accepted until a restart.
+#[test]
+fn a_revoked_signing_key_stops_being_accepted_within_the_refresh_interval() {
+    const REFRESH: Duration = Duration::from_millis(500);
+    /// How long the test waits at most: the interval plus generous room for a loaded machine.
+    const BOUND: Duration = Duration::from_secs(15);
+    runtime().block_on(async {
+        let jwks = FakeJwks::start().await.unwrap();
+        let old = jwks.key();
+        let new = jwks.rotate("test-key-2").unwrap();
+        let verifier = JwksVerifier::with_refresh_period(
+            jwks.jwks_url().parse().unwrap(),
+            AUDIENCE,
+            &jwks.issuer(),
+            REFRESH,
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let refresher = tokio::spawn(verifier.clone().keep_fresh(shutdown.clone()));
+        let old_token = old.sign(&jwks.claims("auth0|alice")).unwrap();
+        let new_token = new.sign(&jwks.claims("auth0|alice")).unwrap();
+        assert_eq!(
+            verifier.verify(&old_token).await.unwrap().as_str(),
+            "auth0|alice"
+        );
+        let fetches_before = jwks.fetches();
+
+        assert!(jwks.revoke(old.kid()));
+        let revoked_at = Instant::now();
+        // Wait for the condition, bounded: the old key is refused once a refresh ran.
+        let refusal = loop {
+            match verifier.verify(&old_token).await {
+                Err(refusal) => break refusal,
+                Ok(_) if revoked_at.elapsed() > BOUND => {
+                    panic!("the revoked key was still accepted after {BOUND:?}")
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let took = revoked_at.elapsed();
+        assert!(
+            matches!(&refusal, AuthError::Invalid(reason) if reason.contains("unknown signing key")),
+            "{refusal:?}"
+        );
+        // Refused by the scheduled refresh (not by a refetch for an unknown kid: the old kid
+        // was cached), within one interval plus the fetch itself.
+        assert!(jwks.fetches() > fetches_before);
+        assert!(
+            took <= REFRESH + Duration::from_secs(5),
+            "refused {took:?} after the revocation"
+        );
+        // The key still served is accepted all along.
+        assert_eq!(
+            verifier.verify(&new_token).await.unwrap().as_str(),
+            "auth0|alice"
+        );
+        shutdown.cancel();
+        refresher.await.unwrap();
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // POST /mandelbox/assign
 

@@ -22,7 +22,7 @@ use edge::error_chain;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -217,51 +217,8 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-/// `POST /mandelbox/assign`'s body (`scaling_service::api::AssignRequest`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AssignRequest {
-    pub regions: Vec<String>,
-    pub client_commit_hash: String,
-    pub session_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_email: Option<String>,
-}
-
-impl AssignRequest {
-    /// A request for a new session: `session_id` is the time in milliseconds since the epoch,
-    /// as the client app makes it.
-    pub fn new(
-        regions: Vec<String>,
-        client_commit_hash: String,
-        user_email: Option<String>,
-    ) -> Self {
-        Self {
-            regions,
-            client_commit_hash,
-            session_id: new_session_id(),
-            user_email,
-        }
-    }
-}
-
-/// Milliseconds since the epoch, as text.
-pub fn new_session_id() -> String {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// `POST /mandelbox/assign`'s `200` body (`scaling_service::api::Assignment`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub ip: IpAddr,
-    pub mandelbox_id: uuid::Uuid,
-    /// SHA-256 of the host's json_transport certificate, 64 lowercase hex digits.
-    #[serde(default)]
-    pub tls_fingerprint: Option<String>,
-}
+/// `POST /mandelbox/assign`'s body and `200` answer: the scaling service's own types.
+pub use edge::assign::{AssignRequest, Assignment, new_session_id};
 
 /// `PUT /json_transport`'s `200` body, `{"result": {"port_N": P, ..., "private_key": K}}`.
 #[derive(Clone, PartialEq, Eq)]
@@ -946,7 +903,7 @@ impl Client {
         };
 
         let request = self.assign_request(session.user_email.clone());
-        let session_id = request.session_id.as_str();
+        let session_id = request.session_id.as_deref().unwrap_or_default();
         let t = Instant::now();
         let assigned = self
             .assign_waiting(&token, &request, session.wait_for_capacity)
@@ -997,7 +954,7 @@ impl Client {
         timings.total = started.elapsed();
         Ok(SessionReport {
             user_id: session.user_id.clone(),
-            session_id: request.session_id.clone(),
+            session_id: request.session_id.clone().unwrap_or_default(),
             assignment,
             assign_attempts,
             ports: answer.ports,

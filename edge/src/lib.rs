@@ -7,11 +7,13 @@
 //!   `use`/`alg` checks, rate-limited refetch on an unknown `kid`) and the bearer-token parser;
 //! - [`body`] and [`cors`]: request-body limits and the CORS answers of the two JSON edges
 //!   (`PUT /json_transport` on the host and through the scaling service);
+//! - [`assign`]: the wire types of `POST /mandelbox/assign`, for the server and its clients;
 //! - [`error_chain`]: an error and its causes on one line, for logs and JSON error bodies.
 //!
 //! It links no AWS SDK, Docker client or database client: both services and devstack depend on
 //! it, so it must stay cheap to build.
 
+pub mod assign;
 pub mod auth;
 pub mod backoff;
 pub mod body;

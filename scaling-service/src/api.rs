@@ -12,7 +12,6 @@
 //! region that served (or failed) is asked to re-check its buffer.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use dbclient::DbClient;
 use dbclient::types::{MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -34,33 +32,10 @@ use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::region::{Event, PROVIDER};
 
-/// A client asking for a mandelbox.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AssignRequest {
-    /// Regions by the client's measured proximity, closest first.
-    pub regions: Vec<String>,
-    pub client_commit_hash: String,
-    #[serde(default)]
-    pub session_id: Option<String>,
-    /// For logs only (never stored).
-    #[serde(default)]
-    pub user_email: Option<String>,
-    #[serde(default)]
-    pub version: Option<String>,
-}
+pub use edge::assign::AssignRequest;
 
 /// `200` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub ip: IpAddr,
-    pub mandelbox_id: MandelboxId,
-    /// The host's `whist.instances.tls_fingerprint`: SHA-256 of its json_transport certificate
-    /// (64 lowercase hex digits), for the client to pin. Always set in answers of this service
-    /// (hosts without one are not assigned); optional for readers of older answers.
-    #[serde(default)]
-    pub tls_fingerprint: Option<String>,
-}
+pub type Assignment = edge::assign::Assignment<MandelboxId>;
 
 /// The original's `503` error codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -7,7 +7,7 @@
 //!   `Authorization` headers. Asserted: no 5xx but the documented 503s, no panic (every request
 //!   gets an answer), every 4xx a JSON `{error, message}` naming the problem, and the database
 //!   unchanged by every request that was not served (a served one adds exactly its mandelbox).
-//! - The JWT verifier alone, with the hostile tokens of `support/hostile_tokens.rs`: only a
+//! - The JWT verifier alone, with the hostile tokens of `devstack::testing::hostile_tokens`: only a
 //!   genuinely valid token is accepted, and a flood of unknown `kid`s (with the issuer up or
 //!   down) fetches the JWKS at most once per `JWKS_MIN_REFRESH` (30 s).
 //!
@@ -15,9 +15,6 @@
 //! few seconds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-#[path = "support/hostile_tokens.rs"]
-mod hostile_tokens;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -29,8 +26,8 @@ use chrono::Utc;
 use dbclient::types::{Image, ImageId, InstanceId, InstanceStatus, NewInstance, Region};
 use dbclient::{DbClient, DbConfig};
 use devstack::jwks::{AUDIENCE, FakeJwks};
+use devstack::testing::hostile_tokens::{self, Forge, Recipe, b64, recipe, sub};
 use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
-use hostile_tokens::{Forge, Recipe, b64, recipe, sub};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{TestCaseError, TestRunner};

@@ -220,65 +220,8 @@ impl fmt::Debug for AccessToken {
 /// `POST /mandelbox/assign`'s body and `200` answer: the scaling service's own types.
 pub use edge::assign::{AssignRequest, Assignment, new_session_id};
 
-/// `PUT /json_transport`'s `200` body, `{"result": {"port_N": P, ..., "private_key": K}}`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct JsonTransportAnswer {
-    /// Host port by mandelbox port (32261, 32262, 32263/udp, 32273).
-    pub ports: BTreeMap<u16, u16>,
-    /// The stream's key (`private_key`, or `aes_key` from older hosts); `Debug` hides it.
-    pub private_key: Option<String>,
-}
-
-impl fmt::Debug for JsonTransportAnswer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JsonTransportAnswer")
-            .field("ports", &self.ports)
-            .field(
-                "private_key",
-                &self.private_key.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
-impl JsonTransportAnswer {
-    /// Parses the `200` body; every `port_N` key must be a port number with a port value.
-    pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-        let result = value
-            .get("result")
-            .and_then(Value::as_object)
-            .ok_or("no \"result\" object")?;
-        let mut ports = BTreeMap::new();
-        for (key, value) in result {
-            let Some(port) = key.strip_prefix("port_") else {
-                continue;
-            };
-            let port: u16 = port
-                .parse()
-                .map_err(|_| format!("{key}: not a port number"))?;
-            let host_port = value
-                .as_u64()
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{key}: {value} is not a port"))?;
-            ports.insert(port, host_port);
-        }
-        if ports.is_empty() {
-            return Err("no port_N in \"result\"".to_owned());
-        }
-        let private_key = ["private_key", "aes_key"]
-            .iter()
-            .find_map(|k| result.get(*k).and_then(Value::as_str))
-            .map(str::to_owned);
-        Ok(Self { ports, private_key })
-    }
-
-    /// The host port of mandelbox port `port`.
-    pub fn port(&self, port: u16) -> Option<u16> {
-        self.ports.get(&port).copied()
-    }
-}
+/// `PUT /json_transport`'s `200` body: the host's own type.
+pub use edge::json_transport::JsonTransportAnswer;
 
 pub use edge::pin::{PinnedVerifier, crypto_provider, fingerprint_of};
 

@@ -7,7 +7,8 @@
 //!   `use`/`alg` checks, rate-limited refetch on an unknown `kid`) and the bearer-token parser;
 //! - [`body`] and [`cors`]: request-body limits and the CORS answers of the two JSON edges
 //!   (`PUT /json_transport` on the host and through the scaling service);
-//! - [`assign`]: the wire types of `POST /mandelbox/assign`, for the server and its clients;
+//! - [`assign`] and [`json_transport`]: the wire types of `POST /mandelbox/assign` and of
+//!   `PUT /json_transport`'s answer, for the servers and their clients;
 //! - [`error_chain`]: an error and its causes on one line, for logs and JSON error bodies.
 //!
 //! It links no AWS SDK, Docker client or database client: both services and devstack depend on
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod backoff;
 pub mod body;
 pub mod cors;
+pub mod json_transport;
 pub mod pin;
 
 /// `error: cause: cause's cause`, each cause once: many errors already repeat their source in

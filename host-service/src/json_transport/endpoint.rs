@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use dbclient::types::{MandelboxId, MandelboxStatus, UserId};
 use edge::body::{self, BodyError, BodyLimits};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tracing::Instrument as _;
 
 use super::auth::{self, AuthError, Verifier};
@@ -188,13 +188,11 @@ impl IntoResponse for Refusal {
 /// "port_32273": …, "private_key": "<hex>", "aes_key": "<hex>"}}`. `aes_key` is the same key
 /// under the name the original's clients read (renamed `private_key` in 2022-06).
 pub fn success_body(answer: &ClientAnswer) -> Value {
-    let mut result = Map::new();
-    for (container_port, host_port) in &answer.host_ports {
-        result.insert(format!("port_{container_port}"), (*host_port).into());
+    edge::json_transport::JsonTransportAnswer {
+        ports: answer.host_ports.clone(),
+        private_key: Some(answer.private_key.clone()),
     }
-    result.insert("private_key".into(), answer.private_key.clone().into());
-    result.insert("aes_key".into(), answer.private_key.clone().into());
-    json!({ "result": result })
+    .to_json()
 }
 
 /// What the handlers share.

@@ -18,19 +18,14 @@
 //! is bounded by a timeout. The access token is never printed: [`AccessToken`]'s `Debug` hides
 //! it, and errors carry status codes and the servers' error codes, never request headers.
 
+use edge::error_chain;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -222,249 +217,34 @@ impl fmt::Debug for AccessToken {
     }
 }
 
-/// `POST /mandelbox/assign`'s body (`scaling_service::api::AssignRequest`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AssignRequest {
-    pub regions: Vec<String>,
-    pub client_commit_hash: String,
-    pub session_id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub user_email: Option<String>,
-}
+/// `POST /mandelbox/assign`'s body and `200` answer: the scaling service's own types.
+pub use edge::assign::{AssignRequest, Assignment, new_session_id};
 
-impl AssignRequest {
-    /// A request for a new session: `session_id` is the time in milliseconds since the epoch,
-    /// as the client app makes it.
-    pub fn new(
-        regions: Vec<String>,
-        client_commit_hash: String,
-        user_email: Option<String>,
-    ) -> Self {
-        Self {
-            regions,
-            client_commit_hash,
-            session_id: new_session_id(),
-            user_email,
-        }
-    }
-}
+/// `PUT /json_transport`'s `200` body: the host's own type.
+pub use edge::json_transport::JsonTransportAnswer;
 
-/// Milliseconds since the epoch, as text.
-pub fn new_session_id() -> String {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// `POST /mandelbox/assign`'s `200` body (`scaling_service::api::Assignment`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub ip: IpAddr,
-    pub mandelbox_id: uuid::Uuid,
-    /// SHA-256 of the host's json_transport certificate, 64 lowercase hex digits.
-    #[serde(default)]
-    pub tls_fingerprint: Option<String>,
-}
-
-/// `PUT /json_transport`'s `200` body, `{"result": {"port_N": P, ..., "private_key": K}}`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct JsonTransportAnswer {
-    /// Host port by mandelbox port (32261, 32262, 32263/udp, 32273).
-    pub ports: BTreeMap<u16, u16>,
-    /// The stream's key (`private_key`, or `aes_key` from older hosts); `Debug` hides it.
-    pub private_key: Option<String>,
-}
-
-impl fmt::Debug for JsonTransportAnswer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JsonTransportAnswer")
-            .field("ports", &self.ports)
-            .field(
-                "private_key",
-                &self.private_key.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
-impl JsonTransportAnswer {
-    /// Parses the `200` body; every `port_N` key must be a port number with a port value.
-    pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-        let result = value
-            .get("result")
-            .and_then(Value::as_object)
-            .ok_or("no \"result\" object")?;
-        let mut ports = BTreeMap::new();
-        for (key, value) in result {
-            let Some(port) = key.strip_prefix("port_") else {
-                continue;
-            };
-            let port: u16 = port
-                .parse()
-                .map_err(|_| format!("{key}: not a port number"))?;
-            let host_port = value
-                .as_u64()
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{key}: {value} is not a port"))?;
-            ports.insert(port, host_port);
-        }
-        if ports.is_empty() {
-            return Err("no port_N in \"result\"".to_owned());
-        }
-        let private_key = ["private_key", "aes_key"]
-            .iter()
-            .find_map(|k| result.get(*k).and_then(Value::as_str))
-            .map(str::to_owned);
-        Ok(Self { ports, private_key })
-    }
-
-    /// The host port of mandelbox port `port`.
-    pub fn port(&self, port: u16) -> Option<u16> {
-        self.ports.get(&port).copied()
-    }
-}
-
-/// Lowercase hex of the SHA-256 of `der`: what `whist.instances.tls_fingerprint` holds for a
-/// host's certificate.
-pub fn fingerprint_of(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use edge::pin::{PinnedVerifier, crypto_provider, fingerprint_of};
 
 /// A fingerprint as 64 lowercase hex digits; also accepts openssl's form
 /// (`AB:CD:...`, upper case with colons).
 pub fn normalize_fingerprint(fingerprint: &str) -> Result<String, ClientError> {
-    let digits: String = fingerprint
-        .trim()
-        .chars()
-        .filter(|c| *c != ':')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    if digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(digits)
-    } else {
-        Err(ClientError::Invalid {
-            what: "TLS fingerprint",
-            reason: format!("{fingerprint:?}: 64 hex digits (SHA-256) expected"),
-        })
-    }
+    edge::pin::normalize_fingerprint(fingerprint).map_err(invalid_fingerprint)
 }
 
-/// The certificate the server presented is not the pinned one.
-#[derive(thiserror::Error)]
-#[error("certificate fingerprint {presented} is not the pinned {pinned}")]
-struct PinMismatch {
-    presented: String,
-    pinned: String,
-}
-
-/// rustls shows a certificate error's cause with `Debug`: make that the sentence.
-impl fmt::Debug for PinMismatch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+fn invalid_fingerprint(error: edge::pin::InvalidFingerprint) -> ClientError {
+    ClientError::Invalid {
+        what: "TLS fingerprint",
+        reason: error.to_string(),
     }
-}
-
-/// Accepts exactly the server certificate whose SHA-256 is the pinned fingerprint, whatever its
-/// names, issuer or dates (the host's certificate is self-signed and its fingerprint comes from
-/// an authenticated source, the assignment). The handshake signatures are still verified with
-/// the provider's algorithms, so the server must hold the certificate's key.
-#[derive(Debug)]
-pub struct PinnedVerifier {
-    fingerprint: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl PinnedVerifier {
-    pub fn new(fingerprint: &str, provider: Arc<CryptoProvider>) -> Result<Self, ClientError> {
-        Ok(Self {
-            fingerprint: normalize_fingerprint(fingerprint)?,
-            provider,
-        })
-    }
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = fingerprint_of(end_entity);
-        if presented == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
-                    presented,
-                    pinned: self.fingerprint.clone(),
-                }))),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// rustls with aws-lc-rs, as the host's endpoint.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// A client configuration that trusts only the certificate with `fingerprint` (TLS 1.2 and
 /// 1.3, ALPN `http/1.1`: the host's endpoint speaks HTTP/1.1 only).
 pub fn pinned_tls_config(fingerprint: &str) -> Result<rustls::ClientConfig, ClientError> {
-    let provider = crypto_provider();
-    let verifier = PinnedVerifier::new(fingerprint, provider.clone())?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    edge::pin::pinned_client_config(fingerprint).map_err(|error| match error {
+        edge::pin::PinError::Fingerprint(error) => invalid_fingerprint(error),
+        edge::pin::PinError::Tls(reason) => ClientError::Tls(reason),
+    })
 }
 
 /// What the client talks to, and how long it waits.
@@ -1066,7 +846,7 @@ impl Client {
         };
 
         let request = self.assign_request(session.user_email.clone());
-        let session_id = request.session_id.as_str();
+        let session_id = request.session_id.as_deref().unwrap_or_default();
         let t = Instant::now();
         let assigned = self
             .assign_waiting(&token, &request, session.wait_for_capacity)
@@ -1117,7 +897,7 @@ impl Client {
         timings.total = started.elapsed();
         Ok(SessionReport {
             user_id: session.user_id.clone(),
-            session_id: request.session_id.clone(),
+            session_id: request.session_id.clone().unwrap_or_default(),
             assignment,
             assign_attempts,
             ports: answer.ports,
@@ -1197,21 +977,6 @@ fn checked_base_url(what: &'static str, url: &str) -> Result<String, ClientError
         });
     }
     Ok(url.trim().trim_end_matches('/').to_owned())
-}
-
-/// An error and its sources, e.g. "error sending request: connection refused".
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
-    }
-    text
 }
 
 fn request_error(step: Step, url: &str, error: reqwest::Error) -> ClientError {

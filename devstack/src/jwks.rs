@@ -200,6 +200,19 @@ impl FakeJwks {
         Ok(key)
     }
 
+    /// Stops serving the older key `kid`, as an issuer does when a key is revoked (the newest
+    /// key cannot be revoked: rotate first). Returns whether such a key was served. Tokens it
+    /// signed stay well-formed; a verifier must stop accepting them once it refetches.
+    pub fn revoke(&self, kid: &str) -> bool {
+        let mut keys = match self.state.keys.write() {
+            Ok(keys) => keys,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let before = keys.older.len();
+        keys.older.retain(|key| key.kid() != kid);
+        keys.older.len() != before
+    }
+
     /// While `false`, the JWKS answers 503, as during an outage.
     pub fn set_available(&self, available: bool) {
         self.state.available.store(available, Ordering::SeqCst);
@@ -309,5 +322,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(body["keys"].as_array().unwrap().len(), 2);
+
+        assert!(
+            !jwks.revoke("test-key-2"),
+            "the newest key cannot be revoked"
+        );
+        assert!(jwks.revoke("test-key-1"));
+        let body: Value = reqwest::get(jwks.jwks_url())
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(body["keys"][0]["kid"], "test-key-2");
     }
 }

@@ -1,6 +1,8 @@
 //! A stack for integration tests: a throwaway PostgreSQL cluster with the migrations applied and
 //! the GraphQL stand-in serving it on a free loopback port. Everything stops when dropped.
 
+pub mod hostile_tokens;
+
 use std::net::SocketAddr;
 
 use tokio_util::sync::CancellationToken;

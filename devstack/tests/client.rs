@@ -483,7 +483,7 @@ async fn no_instance_available_is_retried_until_capacity_appears() {
     assert!(
         requests
             .iter()
-            .all(|(_, b)| b["session_id"] == request.session_id)
+            .all(|(_, b)| b["session_id"].as_str() == request.session_id.as_deref())
     );
 }
 

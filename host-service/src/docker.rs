@@ -17,6 +17,7 @@
 
 mod fake;
 
+use edge::error_chain;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
@@ -957,18 +958,6 @@ fn map_error(op: Op, target: &str, socket: &str, error: &bollard::errors::Error)
             message: error_chain(error),
         },
     }
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Docker's `t` for a stop: whole seconds, rounded up, clamped to [`MAX_STOP_GRACE`].

@@ -1,6 +1,7 @@
 //! The host: what every mandelbox task shares (database, Docker, resources, pairing, metrics)
 //! and the loops that feed them (allocations, Docker events, heartbeat, sweeper, drain).
 
+use edge::backoff::Backoff;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,11 +39,13 @@ const STALE_ALLOCATED: Duration = Duration::from_secs(90);
 const STALE_ORPHAN: Duration = Duration::from_secs(30);
 /// Docker event stream reconnects: 250 ms doubling to 10 s. The engine is local, so it is back
 /// quickly or not at all; a reconcile pass covers what happened meanwhile.
-const EVENTS_RETRY_BASE: Duration = Duration::from_millis(250);
-const EVENTS_RETRY_CAP: Duration = Duration::from_secs(10);
+const EVENTS_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
 /// Removing a row (teardown) is retried through short database outages for up to this long;
 /// after that the sweeper finds the row.
 const ROW_DELETE_DEADLINE: Duration = Duration::from_secs(30);
+/// The waits between those retries: 200 ms doubling to 5 s, so a blip costs a fraction of a
+/// second and a longer outage a handful of attempts.
+const ROW_DELETE_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
 /// How long a local image lookup is reused. A freshly built `current-build` is picked up within
 /// this delay; spin-ups in between save a Docker round trip.
 const IMAGE_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -299,7 +302,7 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
     pub async fn delete_row(&self, id: MandelboxId) {
         let Some(db) = &self.db else { return };
         let deadline = Instant::now() + ROW_DELETE_DEADLINE;
-        let mut delay = Duration::from_millis(200);
+        let mut retries = ROW_DELETE_RETRY.start();
         loop {
             match db.delete_mandelbox(&id).await {
                 Ok(true) => {
@@ -311,8 +314,9 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
                 Ok(false) => return,
                 Err(error) if error.is_transient() && Instant::now() < deadline => {
                     tracing::debug!(%error, mandelbox.id = %id, "database unavailable; retrying the delete");
+                    // ROW_DELETE_RETRY has no deadline (ROW_DELETE_DEADLINE is checked above).
+                    let delay = retries.next_delay().unwrap_or(ROW_DELETE_RETRY.cap);
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(error) => {
                     tracing::warn!(%error, mandelbox.id = %id, "cannot delete the row; the sweeper will");
@@ -326,7 +330,7 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
     /// each (re)open, every tracked container's state is checked so an exit that happened while
     /// the stream was down is not lost.
     pub async fn follow_docker_events(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut delay = EVENTS_RETRY_BASE;
+        let mut retries = EVENTS_RETRY.start();
         while !shutdown.is_cancelled() {
             let mut events = Box::pin(self.runtime.events());
             self.metrics.docker_events_up.set(1);
@@ -336,7 +340,7 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
                     () = shutdown.cancelled() => break,
                     item = events.next() => match item {
                         Some(Ok(event)) => {
-                            delay = EVENTS_RETRY_BASE;
+                            retries.reset();
                             let Some(id) = event
                                 .labels
                                 .get(LABEL_MANDELBOX_ID)
@@ -364,11 +368,12 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
                 }
             }
             self.metrics.docker_events_up.set(0);
+            // EVENTS_RETRY has no deadline: a delay is always handed out.
+            let delay = retries.next_delay().unwrap_or(EVENTS_RETRY.cap);
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 () = tokio::time::sleep(delay) => {}
             }
-            delay = (delay * 2).min(EVENTS_RETRY_CAP);
         }
     }
 

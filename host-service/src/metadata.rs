@@ -12,6 +12,7 @@
 //! and one without the `Name` tag (or with tags in metadata disabled) answers 404 for the tag;
 //! both become `None`. Anything else that fails names the endpoint and the path.
 
+use edge::error_chain;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -286,18 +287,6 @@ impl InstanceMetadata for ImdsMetadata {
             }),
         }
     }
-}
-
-/// An error and its sources on one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// A fixed identity, for tests of code that needs an [`InstanceMetadata`]; `fail_next` makes the

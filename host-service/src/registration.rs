@@ -2,6 +2,7 @@
 //! launches the instance; the host verifies it is the instance that row describes and makes it
 //! ACTIVE with its address and capacity.
 
+use edge::backoff::Backoff;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,9 @@ use crate::metadata::InstanceIdentity;
 /// The scaling service inserts the row only after EC2 reports the instance running, which can
 /// be after this service starts; wait this long for it before giving up.
 pub const ROW_WAIT: Duration = Duration::from_secs(300);
-/// Polling for the row: 500 ms doubling to 10 s.
-const ROW_POLL_BASE: Duration = Duration::from_millis(500);
-const ROW_POLL_CAP: Duration = Duration::from_secs(10);
+/// Polling for the row: 500 ms doubling to 10 s (the row appears once EC2 says running, tens of
+/// seconds after boot; 10 s late is nothing beside that). [`ROW_WAIT`] bounds the whole wait.
+const ROW_POLL: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
@@ -62,7 +63,7 @@ pub async fn register(
 ) -> Result<Registered, RegistrationError> {
     let id = &identity.instance_id;
     let started = Instant::now();
-    let mut delay = ROW_POLL_BASE;
+    let mut retries = ROW_POLL.start();
     loop {
         let row = match db.instance(id).await {
             Ok(row) => row,
@@ -80,12 +81,13 @@ pub async fn register(
                         waited: row_wait,
                     });
                 }
+                // ROW_POLL has no deadline (ROW_WAIT is checked above): a delay is handed out.
+                let delay = retries.next_delay().unwrap_or(ROW_POLL.cap);
                 tracing::info!(
                     retry_in_ms = delay.as_millis() as u64,
                     "waiting for this instance's row"
                 );
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(ROW_POLL_CAP);
             }
             Some(row) if row.status == InstanceStatus::Draining => return Ok(Registered::Draining),
             Some(row) => {

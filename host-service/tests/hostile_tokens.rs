@@ -4,24 +4,21 @@
 //! JWKS at most once per `min_refresh_interval` whether the issuer is up or down, and the
 //! `Authorization` header parser takes only `Bearer <token>`.
 //!
-//! The tokens come from `scaling-service/tests/support/hostile_tokens.rs`, shared with the
-//! scaling service's verifier tests until the two verifiers are unified. Case counts are
+//! The tokens come from `devstack::testing::hostile_tokens`, shared with the scaling service's
+//! verifier tests. Case counts are
 //! explicit (`docs/reliability.md`, "Hostile input"): the file runs in a few seconds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-#[path = "../../scaling-service/tests/support/hostile_tokens.rs"]
-mod hostile_tokens;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use devstack::jwks::{AUDIENCE, FakeJwks};
+use devstack::testing::hostile_tokens::{Forge, recipe};
 use host_service::json_transport::auth::{
     AuthConfig, AuthError, DEFAULT_MIN_REFRESH_INTERVAL, Verifier, bearer_token,
 };
-use hostile_tokens::{Forge, recipe};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{TestCaseError, TestRunner};

@@ -21,6 +21,7 @@ use dbclient::types::{
 use dbclient::{DbClient, DbConfig};
 use devstack::jwks::{FakeJwks, SigningKey};
 use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
+use edge::pin::PinnedVerifier;
 use host_service::docker::{ContainerRuntime, DEFAULT_SOCKET, DockerRuntime};
 use host_service::host::Host;
 use host_service::json_transport::Fingerprint;
@@ -29,9 +30,7 @@ use host_service::mappings;
 use host_service::metadata::InstanceIdentity;
 use host_service::{Config, Signals, Stopped};
 use logger::Secret;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -44,67 +43,6 @@ const OPENAPI_EXAMPLE_ID: &str = "5ccdb471-8ab2-4441-a3d1-f7f7146dda0c";
 
 // ---------------------------------------------------------------------------------------------
 // Clients that pin the certificate
-
-/// Accepts exactly the certificate whose SHA-256 is the pin (names and dates are the pin's
-/// business), and still checks that the server holds its key (the handshake signatures).
-#[derive(Debug)]
-struct Pinned {
-    fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if Fingerprint::of(end_entity).as_str() == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -123,10 +61,9 @@ fn pinned_client(fingerprint: &str) -> reqwest::Client {
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            fingerprint: fingerprint.to_owned(),
-            provider: provider(),
-        }))
+        .with_custom_certificate_verifier(Arc::new(
+            PinnedVerifier::new(fingerprint, provider()).unwrap(),
+        ))
         .with_no_client_auth();
     client_with(config)
 }
@@ -497,10 +434,9 @@ impl<R: ContainerRuntime + Clone + 'static> Running<R> {
             .with_safe_default_protocol_versions()
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                fingerprint: self.fingerprint.clone(),
-                provider: provider(),
-            }))
+            .with_custom_certificate_verifier(Arc::new(
+                PinnedVerifier::new(&self.fingerprint, provider()).unwrap(),
+            ))
             .with_no_client_auth();
         let addr = self.base.trim_start_matches("https://").to_owned();
         let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -1214,10 +1150,9 @@ async fn silent_connections_are_closed_within_the_timeouts() {
             .with_safe_default_protocol_versions()
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                fingerprint: r.fingerprint.clone(),
-                provider: provider(),
-            }))
+            .with_custom_certificate_verifier(Arc::new(
+                PinnedVerifier::new(&r.fingerprint, provider()).unwrap(),
+            ))
             .with_no_client_auth(),
     );
     let connect_tls = || async {

@@ -12,7 +12,6 @@
 //! region that served (or failed) is asked to re-check its buffer.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,42 +24,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use dbclient::DbClient;
 use dbclient::types::{MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthError, TokenVerifier};
+use crate::auth::{AuthError, TokenVerifier, bearer_token};
 use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::region::{Event, PROVIDER};
 
-/// A client asking for a mandelbox.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AssignRequest {
-    /// Regions by the client's measured proximity, closest first.
-    pub regions: Vec<String>,
-    pub client_commit_hash: String,
-    #[serde(default)]
-    pub session_id: Option<String>,
-    /// For logs only (never stored).
-    #[serde(default)]
-    pub user_email: Option<String>,
-    #[serde(default)]
-    pub version: Option<String>,
-}
+pub use edge::assign::AssignRequest;
 
 /// `200` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assignment {
-    pub ip: IpAddr,
-    pub mandelbox_id: MandelboxId,
-    /// The host's `whist.instances.tls_fingerprint`: SHA-256 of its json_transport certificate
-    /// (64 lowercase hex digits), for the client to pin. Always set in answers of this service
-    /// (hosts without one are not assigned); optional for readers of older answers.
-    #[serde(default)]
-    pub tls_fingerprint: Option<String>,
-}
+pub type Assignment = edge::assign::Assignment<MandelboxId>;
 
 /// The original's `503` error codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -295,14 +270,12 @@ async fn assign_inner(
             error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", None),
         );
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let user = match token {
+    let user = match headers.get(header::AUTHORIZATION) {
         None => Err(AuthError::Missing),
-        Some(token) => state.verifier.verify(token).await,
+        Some(value) => match bearer_token(value.as_bytes()) {
+            Ok(token) => state.verifier.verify(token).await,
+            Err(error) => Err(error),
+        },
     };
     let user = match user {
         Ok(user) => user,

@@ -19,21 +19,22 @@
 //! for a malformed body), so a client reads both the same way.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use dbclient::types::{InstanceId, MandelboxId, MandelboxStatus, UserId};
-use futures::StreamExt as _;
-use rustls::DigitallySignedStruct;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use edge::auth::bearer_token;
+use edge::body::{self, BodyError, BodyLimits};
+use edge::error_chain;
+use edge::pin::{PinnedVerifier, normalize_fingerprint};
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+
+pub use edge::pin::fingerprint_of;
 
 use crate::api::ApiState;
 use crate::auth::AuthError;
@@ -56,11 +57,13 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 const MAX_IN_FLIGHT: usize = 1024;
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECONDS: &str = "5";
-/// CORS as on the host (bearer tokens, never cookies, so any origin may call it).
-const CORS_ALLOW_ORIGIN: &str = "*";
-const CORS_ALLOW_METHODS: &str = "PUT, OPTIONS";
-const CORS_ALLOW_HEADERS: &str = "authorization, content-type";
-const CORS_MAX_AGE: &str = "600";
+/// How request bodies are read: as the host, but an oversize body is refused at once (the
+/// forwarder has never drained one).
+const BODY_LIMITS: BodyLimits = BodyLimits {
+    max_bytes: MAX_BODY_BYTES,
+    read_timeout: BODY_READ_TIMEOUT,
+    drain_bytes: 0,
+};
 
 /// Where and how long requests are forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +174,16 @@ impl Refusal {
     }
 }
 
+impl From<BodyError> for Refusal {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::Unreadable(reason) => Self::UnreadableBody(reason),
+            BodyError::Slow(waited) => Self::SlowBody(waited),
+            BodyError::TooLarge(_) => Self::TooLarge,
+        }
+    }
+}
+
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let mut body = json!({"error": self.to_string(), "code": self.code()});
@@ -185,7 +198,7 @@ impl IntoResponse for Refusal {
                 HeaderValue::from_static(RETRY_AFTER_SECONDS),
             );
         }
-        cors(response)
+        with_cors(response)
     }
 }
 
@@ -239,17 +252,16 @@ impl Forwarder {
         body: Body,
     ) -> Result<Response, Refusal> {
         let _permit = self.in_flight.try_acquire().map_err(|_| Refusal::Busy)?;
-        if content_length(headers).is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-            return Err(Refusal::TooLarge);
-        }
+        let body = body::check_declared_length(headers, body, &BODY_LIMITS).await?;
         // A token in the header is checked before the body is read (as the host does):
         // unauthenticated floods cost a signature check, not a megabyte each.
         let mut caller = None;
         if let Some(value) = headers.get(header::AUTHORIZATION) {
-            let token = bearer_token(value.as_bytes())?;
+            let token = bearer_token(value.as_bytes())
+                .map_err(|error| Refusal::Unauthorized(error.to_string()))?;
             caller = Some((verify(state, token).await?, token.to_owned()));
         }
-        let bytes = read_body(body).await?;
+        let bytes = body::read_body(body, &BODY_LIMITS).await?;
         let request = parse(&bytes)?;
         let (user, token) = match caller {
             Some(caller) => caller,
@@ -326,7 +338,7 @@ impl Forwarder {
         let (Some(ip), Some(fingerprint)) = (instance.ip_addr, instance.tls_fingerprint) else {
             return Err(Refusal::HostNotReady(id));
         };
-        let Some(pin) = normalize_fingerprint(&fingerprint) else {
+        let Ok(pin) = normalize_fingerprint(&fingerprint) else {
             // The column's CHECK makes this unreachable; refuse rather than forward unpinned.
             tracing::error!(instance.id = %instance.id, "malformed tls_fingerprint on the row");
             return Err(Refusal::HostNotReady(id));
@@ -345,17 +357,13 @@ impl Forwarder {
         token: &str,
         body: axum::body::Bytes,
     ) -> Result<Response, Refusal> {
-        let verifier = Arc::new(PinnedVerifier::new(
-            target.pin.clone(),
-            self.provider.clone(),
-        ));
-        let mut tls = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Refusal::HandshakeFailed(e.to_string()))?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier.clone())
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let verifier = Arc::new(
+            PinnedVerifier::new(&target.pin, self.provider.clone())
+                .map_err(|e| Refusal::HandshakeFailed(e.to_string()))?,
+        );
+        let tls = verifier
+            .client_config()
+            .map_err(|e| Refusal::HandshakeFailed(e.to_string()))?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
             .http1_only()
@@ -430,7 +438,7 @@ impl Forwarder {
         }
         // The answer holds the mandelbox's key.
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        Ok(cors(relayed_response))
+        Ok(with_cors(relayed_response))
     }
 }
 
@@ -485,6 +493,16 @@ fn parse(body: &[u8]) -> Result<ForwardRequest, Refusal> {
     })
 }
 
+fn with_cors(mut response: Response) -> Response {
+    edge::cors::allow_origin(response.headers_mut());
+    response
+}
+
+/// `OPTIONS /json_transport`: the CORS preflight, as on the host.
+pub async fn preflight() -> Response {
+    edge::cors::preflight()
+}
+
 async fn verify(state: &ApiState, token: &str) -> Result<UserId, Refusal> {
     match state.verifier.verify(token).await {
         Ok(user) => Ok(user),
@@ -493,203 +511,6 @@ async fn verify(state: &ApiState, token: &str) -> Result<UserId, Refusal> {
             Err(Refusal::AuthUnavailable)
         }
         Err(error) => Err(Refusal::Unauthorized(error.to_string())),
-    }
-}
-
-/// The token of an `Authorization: Bearer <token>` header value (scheme case-insensitive).
-fn bearer_token(header: &[u8]) -> Result<&str, Refusal> {
-    let malformed =
-        || Refusal::Unauthorized("the Authorization header is not `Bearer <token>`".into());
-    let text = std::str::from_utf8(header).map_err(|_| malformed())?;
-    let (scheme, token) = text.trim().split_once(' ').ok_or_else(malformed)?;
-    let token = token.trim();
-    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-        return Err(malformed());
-    }
-    Ok(token)
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// The body, at most [`MAX_BODY_BYTES`], within [`BODY_READ_TIMEOUT`].
-async fn read_body(body: Body) -> Result<axum::body::Bytes, Refusal> {
-    let read = async {
-        let mut stream = body.into_data_stream();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Refusal::UnreadableBody(e.to_string()))?;
-            if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                return Err(Refusal::TooLarge);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        Ok(axum::body::Bytes::from(bytes))
-    };
-    tokio::time::timeout(BODY_READ_TIMEOUT, read)
-        .await
-        .map_err(|_| Refusal::SlowBody(BODY_READ_TIMEOUT))?
-}
-
-fn cors(mut response: Response) -> Response {
-    response.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static(CORS_ALLOW_ORIGIN),
-    );
-    response
-}
-
-/// `OPTIONS /json_transport`: the CORS preflight, as on the host.
-pub async fn preflight() -> Response {
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static(CORS_ALLOW_METHODS),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static(CORS_ALLOW_HEADERS),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static(CORS_MAX_AGE),
-    );
-    cors(response)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// SHA-256 of a certificate's DER as 64 lowercase hex digits (the hosts' published form).
-pub fn fingerprint_of(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A fingerprint as 64 lowercase hex digits; openssl's form (`AB:CD:…`) is accepted too.
-fn normalize_fingerprint(fingerprint: &str) -> Option<String> {
-    let digits: String = fingerprint
-        .trim()
-        .chars()
-        .filter(|c| *c != ':')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    (digits.len() == 64 && digits.bytes().all(|b| b.is_ascii_hexdigit())).then_some(digits)
-}
-
-/// Accepts exactly the server certificate whose SHA-256 is the pin, whatever its names, issuer
-/// or dates (hosts' certificates are self-signed; the pin comes from the host's row). The
-/// handshake signatures are still verified with the provider's algorithms, so the server must
-/// hold the certificate's key. Remembers what it saw, so a failed request can say why.
-#[derive(Debug)]
-pub struct PinnedVerifier {
-    pin: String,
-    provider: Arc<CryptoProvider>,
-    /// Whether a certificate was presented (the TCP connection and TLS got that far).
-    seen: Mutex<Option<String>>,
-}
-
-impl PinnedVerifier {
-    /// `pin`: 64 lowercase hex digits.
-    pub fn new(pin: String, provider: Arc<CryptoProvider>) -> Self {
-        Self {
-            pin,
-            provider,
-            seen: Mutex::new(None),
-        }
-    }
-
-    fn lock_seen(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        match self.seen.lock() {
-            Ok(seen) => seen,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
-    /// Whether the server presented a certificate.
-    pub fn reached(&self) -> bool {
-        self.lock_seen().is_some()
-    }
-
-    /// The fingerprint of a presented certificate other than the pinned one.
-    pub fn mismatch(&self) -> Option<String> {
-        self.lock_seen().clone().filter(|seen| *seen != self.pin)
-    }
-}
-
-impl ServerCertVerifier for PinnedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let presented = fingerprint_of(end_entity);
-        let matches = presented == self.pin;
-        *self.lock_seen() = Some(presented);
-        if matches {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -747,6 +568,7 @@ mod tests {
     #[test]
     fn bearer_tokens_come_from_the_header() {
         assert_eq!(bearer_token(b"Bearer a.b.c").unwrap(), "a.b.c");
+        assert_eq!(bearer_token(b"BEARER a.b.c").unwrap(), "a.b.c");
         assert_eq!(bearer_token(b"bearer  t ").unwrap(), "t");
         for bad in [
             &b"Bearer"[..],
@@ -762,14 +584,11 @@ mod tests {
     #[test]
     fn fingerprints_are_normalized() {
         let fp = "ab".repeat(32);
-        assert_eq!(normalize_fingerprint(&fp).as_deref(), Some(fp.as_str()));
+        assert_eq!(normalize_fingerprint(&fp).as_deref(), Ok(fp.as_str()));
         let openssl = vec!["AB"; 32].join(":");
-        assert_eq!(
-            normalize_fingerprint(&openssl).as_deref(),
-            Some(fp.as_str())
-        );
-        assert_eq!(normalize_fingerprint("abc"), None);
-        assert_eq!(normalize_fingerprint(&"zz".repeat(32)), None);
+        assert_eq!(normalize_fingerprint(&openssl).as_deref(), Ok(fp.as_str()));
+        assert!(normalize_fingerprint("abc").is_err());
+        assert!(normalize_fingerprint(&"zz".repeat(32)).is_err());
         assert_eq!(fingerprint_of(b"").len(), 64);
     }
 
@@ -800,7 +619,7 @@ mod tests {
             );
             assert_eq!(
                 response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
-                CORS_ALLOW_ORIGIN
+                edge::cors::ALLOW_ORIGIN
             );
         }
     }

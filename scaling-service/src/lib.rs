@@ -132,13 +132,16 @@ pub async fn run_replica(
         "connected to Hasura"
     );
     let metrics = Arc::new(Metrics::new()?);
-    let verifier: Arc<dyn TokenVerifier> = match &config.auth {
+    let (verifier, jwks): (Arc<dyn TokenVerifier>, _) = match &config.auth {
         AuthConfig::Jwks {
             jwks_url,
             audience,
             issuer,
-        } => Arc::new(JwksVerifier::new(jwks_url.clone(), audience, issuer)?),
-        AuthConfig::LocalTestTokens => Arc::new(StaticVerifier),
+        } => {
+            let jwks = JwksVerifier::new(jwks_url.clone(), audience, issuer)?;
+            (Arc::new(jwks.clone()), Some(jwks))
+        }
+        AuthConfig::LocalTestTokens => (Arc::new(StaticVerifier), None),
     };
     let listener = tokio::net::TcpListener::bind(("0.0.0.0", config.port)).await?;
     tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
@@ -208,6 +211,11 @@ pub async fn run_replica(
         ready,
     };
     let api_stop = CancellationToken::new();
+    if let Some(jwks) = jwks {
+        // Fetched now and every JWKS_REFRESH_PERIOD, so a key the issuer revoked stops being
+        // accepted within it; it serves the API, so it stops with the API.
+        tracker.spawn(jwks.keep_fresh(api_stop.clone()));
+    }
     let forwarder = Arc::new(forward::Forwarder::new(
         config.json_transport_forward.clone(),
     ));

@@ -7,7 +7,7 @@
 //!   `Authorization` headers. Asserted: no 5xx but the documented 503s, no panic (every request
 //!   gets an answer), every 4xx a JSON `{error, message}` naming the problem, and the database
 //!   unchanged by every request that was not served (a served one adds exactly its mandelbox).
-//! - The JWT verifier alone, with the hostile tokens of `support/hostile_tokens.rs`: only a
+//! - The JWT verifier alone, with the hostile tokens of `devstack::testing::hostile_tokens`: only a
 //!   genuinely valid token is accepted, and a flood of unknown `kid`s (with the issuer up or
 //!   down) fetches the JWKS at most once per `JWKS_MIN_REFRESH` (30 s).
 //!
@@ -15,9 +15,6 @@
 //! few seconds.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-#[path = "support/hostile_tokens.rs"]
-mod hostile_tokens;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
@@ -29,8 +26,8 @@ use chrono::Utc;
 use dbclient::types::{Image, ImageId, InstanceId, InstanceStatus, NewInstance, Region};
 use dbclient::{DbClient, DbConfig};
 use devstack::jwks::{AUDIENCE, FakeJwks};
+use devstack::testing::hostile_tokens::{self, Forge, Recipe, b64, recipe, sub};
 use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
-use hostile_tokens::{Forge, Recipe, b64, recipe, sub};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{TestCaseError, TestRunner};
@@ -186,6 +183,68 @@ fn a_flood_of_unknown_kids_fetches_the_jwks_at_most_once_per_interval() {
             );
         }
         assert_eq!(down.fetches(), 1, "an outage turned a flood into fetches");
+    });
+}
+
+/// The scheduled refresh (#20): before the verifiers were one, the scaling service fetched the
+/// JWKS only on an unknown `kid`, so a key the issuer revoked was accepted until a restart.
+#[test]
+fn a_revoked_signing_key_stops_being_accepted_within_the_refresh_interval() {
+    const REFRESH: Duration = Duration::from_millis(500);
+    /// How long the test waits at most: the interval plus generous room for a loaded machine.
+    const BOUND: Duration = Duration::from_secs(15);
+    runtime().block_on(async {
+        let jwks = FakeJwks::start().await.unwrap();
+        let old = jwks.key();
+        let new = jwks.rotate("test-key-2").unwrap();
+        let verifier = JwksVerifier::with_refresh_period(
+            jwks.jwks_url().parse().unwrap(),
+            AUDIENCE,
+            &jwks.issuer(),
+            REFRESH,
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let refresher = tokio::spawn(verifier.clone().keep_fresh(shutdown.clone()));
+        let old_token = old.sign(&jwks.claims("auth0|alice")).unwrap();
+        let new_token = new.sign(&jwks.claims("auth0|alice")).unwrap();
+        assert_eq!(
+            verifier.verify(&old_token).await.unwrap().as_str(),
+            "auth0|alice"
+        );
+        let fetches_before = jwks.fetches();
+
+        assert!(jwks.revoke(old.kid()));
+        let revoked_at = Instant::now();
+        // Wait for the condition, bounded: the old key is refused once a refresh ran.
+        let refusal = loop {
+            match verifier.verify(&old_token).await {
+                Err(refusal) => break refusal,
+                Ok(_) if revoked_at.elapsed() > BOUND => {
+                    panic!("the revoked key was still accepted after {BOUND:?}")
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let took = revoked_at.elapsed();
+        assert!(
+            matches!(&refusal, AuthError::Invalid(reason) if reason.contains("unknown signing key")),
+            "{refusal:?}"
+        );
+        // Refused by the scheduled refresh (not by a refetch for an unknown kid: the old kid
+        // was cached), within one interval plus the fetch itself.
+        assert!(jwks.fetches() > fetches_before);
+        assert!(
+            took <= REFRESH + Duration::from_secs(5),
+            "refused {took:?} after the revocation"
+        );
+        // The key still served is accepted all along.
+        assert_eq!(
+            verifier.verify(&new_token).await.unwrap().as_str(),
+            "auth0|alice"
+        );
+        shutdown.cancel();
+        refresher.await.unwrap();
     });
 }
 

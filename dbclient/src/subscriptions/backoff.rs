@@ -1,10 +1,11 @@
-//! Capped exponential backoff with full jitter (the AWS architecture blog's "Full Jitter"):
-//! the `n`-th delay is uniform in `0 ..= min(cap, base * 2^n)`. Full jitter spreads the
-//! reconnects of every host that lost the same Hasura at the same instant.
+//! The reconnect policy, an [`edge::backoff::Backoff`]: capped exponential backoff with full
+//! jitter (the AWS architecture blog's "Full Jitter"): the `n`-th delay is uniform in
+//! `0 ..= min(cap, base * 2^n)`. Full jitter spreads the reconnects of every host that lost the
+//! same Hasura at the same instant.
 
 use std::time::Duration;
 
-use rand::Rng;
+pub use edge::backoff::{Backoff, Jitter, Retries};
 
 /// First reconnect ceiling. A dropped socket to a healthy server (a load balancer idling it out,
 /// Hasura's 1012 on a metadata reload) should be back almost at once: live queries resend the
@@ -20,63 +21,13 @@ pub const RECONNECT_CAP: Duration = Duration::from_secs(10);
 /// connection at once would be hammered at the base delay forever.
 pub const HEALTHY_CONNECTION: Duration = Duration::from_secs(30);
 
-/// The state of one retry loop. There is no overall deadline: the subscription client retries
-/// until it is shut down (a host without its subscriptions is useless, so giving up would only
-/// trade a visible outage for a silent one).
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    /// `base` is clamped to at least 1 ms and `cap` to at least `base`.
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        let base = base.max(Duration::from_millis(1));
-        Self {
-            base,
-            cap: cap.max(base),
-            attempt: 0,
-        }
-    }
-
-    /// How many delays have been handed out since the last reset.
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
-
-    /// The upper bound of the delay for `attempt`: `min(cap, base * 2^attempt)`.
-    pub fn ceiling(&self, attempt: u32) -> Duration {
-        // 2^31 * 1 ms is already past any sensible cap; stop doubling before it overflows.
-        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
-        self.base.saturating_mul(factor).min(self.cap)
-    }
-
-    /// The next delay, with the given source of randomness.
-    pub fn next_delay_with(&mut self, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.ceiling(self.attempt);
-        self.attempt = self.attempt.saturating_add(1);
-        let ceiling_nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
-        Duration::from_nanos(rng.random_range(0..=ceiling_nanos))
-    }
-
-    /// The next delay, drawn from the thread-local generator.
-    pub fn next_delay(&mut self) -> Duration {
-        self.next_delay_with(&mut rand::rng())
-    }
-
-    /// Back to the first step, after a success.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new(RECONNECT_BASE, RECONNECT_CAP)
-    }
-}
+/// The reconnect policy: [`RECONNECT_BASE`] doubling to [`RECONNECT_CAP`], full jitter. There
+/// is no overall deadline: the subscription client retries until it is shut down (a host
+/// without its subscriptions is useless, so giving up would only trade a visible outage for a
+/// silent one). The state of one loop is an [`edge::backoff::Retries`] from
+/// [`Backoff::start`].
+pub const RECONNECT: Backoff =
+    Backoff::new(RECONNECT_BASE, RECONNECT_CAP).with_jitter(Jitter::Full);
 
 #[cfg(test)]
 mod tests {
@@ -87,7 +38,7 @@ mod tests {
 
     #[test]
     fn default_ceilings_double_from_base_to_cap() {
-        let backoff = Backoff::default();
+        let backoff = RECONNECT;
         assert_eq!(backoff.ceiling(0), Duration::from_millis(100));
         assert_eq!(backoff.ceiling(1), Duration::from_millis(200));
         assert_eq!(backoff.ceiling(6), Duration::from_millis(6400));
@@ -95,15 +46,18 @@ mod tests {
         assert_eq!(backoff.ceiling(u32::MAX), RECONNECT_CAP);
     }
 
-    #[test]
-    fn reset_starts_over_from_base() {
-        let mut backoff = Backoff::default();
+    #[tokio::test]
+    async fn reset_starts_over_from_base() {
+        let mut backoff = RECONNECT.start();
         for _ in 0..20 {
-            backoff.next_delay();
+            assert!(
+                backoff.next_delay().is_some(),
+                "no deadline: never gives up"
+            );
         }
         backoff.reset();
         assert_eq!(backoff.attempt(), 0);
-        assert!(backoff.next_delay() <= RECONNECT_BASE);
+        assert!(backoff.next_delay().is_some_and(|d| d <= RECONNECT_BASE));
     }
 
     proptest! {
@@ -116,10 +70,10 @@ mod tests {
         ) {
             let mut rng = StdRng::seed_from_u64(seed);
             let cap = Duration::from_millis(cap_ms);
-            let mut backoff = Backoff::new(Duration::from_millis(base_ms), cap);
+            let policy = Backoff::new(Duration::from_millis(base_ms), cap).with_jitter(Jitter::Full);
             for attempt in 0..attempts {
-                let ceiling = backoff.ceiling(attempt as u32);
-                let delay = backoff.next_delay_with(&mut rng);
+                let ceiling = policy.ceiling(attempt as u32);
+                let delay = policy.delay_with(attempt as u32, &mut rng);
                 prop_assert!(delay <= ceiling, "attempt {attempt}: {delay:?} > {ceiling:?}");
                 prop_assert!(delay <= cap.max(Duration::from_millis(base_ms)));
             }
@@ -147,8 +101,9 @@ mod tests {
             // Full jitter: over many draws at the cap, delays land both in the lowest and in
             // the highest tenth of the range.
             let mut rng = StdRng::seed_from_u64(seed);
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(100));
-            let delays: Vec<Duration> = (0..400).map(|_| backoff.next_delay_with(&mut rng)).collect();
+            let policy = Backoff::new(Duration::from_millis(100), Duration::from_millis(100))
+                .with_jitter(Jitter::Full);
+            let delays: Vec<Duration> = (0..400).map(|n| policy.delay_with(n, &mut rng)).collect();
             prop_assert!(delays.iter().any(|d| *d < Duration::from_millis(10)));
             prop_assert!(delays.iter().any(|d| *d > Duration::from_millis(90)));
         }

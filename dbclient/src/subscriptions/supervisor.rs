@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ConnectionState;
-use super::backoff::{Backoff, HEALTHY_CONNECTION};
+use super::backoff::{Backoff, HEALTHY_CONNECTION, RECONNECT, Retries};
 use super::socket::{self, CONNECTION_OPERATION, Dial, ObservedSocket, SocketEnd};
 use crate::error::{self, DbError, NetworkErrorKind};
 
@@ -98,7 +98,7 @@ impl Settings {
             admin_secret,
             handshake_timeout,
             keep_alive_interval: Some(KEEP_ALIVE_INTERVAL),
-            backoff: Backoff::default(),
+            backoff: RECONNECT,
         }
     }
 }
@@ -286,7 +286,7 @@ pub(crate) async fn supervise<D: Dial>(
     tracker: TaskTracker,
 ) {
     let url = dialer.url().to_owned();
-    let mut backoff = settings.backoff.clone();
+    let mut backoff = settings.backoff.start();
     // The outage subscribers were last told about, so a long outage is reported once, not at
     // every attempt.
     let mut reported: Option<String> = None;
@@ -315,7 +315,9 @@ pub(crate) async fn supervise<D: Dial>(
             }
             Err(error) => error,
         };
-        let delay = backoff.next_delay();
+        // The policy may carry a deadline; a reconnect loop has none to honour, so past it
+        // the cap is the delay.
+        let delay = backoff.next_delay().unwrap_or(settings.backoff.cap);
         tracing::warn!(
             url = %url,
             attempt = backoff.attempt(),
@@ -375,7 +377,7 @@ async fn run_session(
     let mut active: HashSet<u64> = HashSet::new();
     // Operations the server completed, with when to subscribe them again.
     let mut retry_at: HashMap<u64, Instant> = HashMap::new();
-    let mut retry_backoff: HashMap<u64, Backoff> = HashMap::new();
+    let mut retry_backoff: HashMap<u64, Retries> = HashMap::new();
 
     let outcome = loop {
         let due = shared.entries_except(|key| active.contains(&key) || retry_at.contains_key(&key));
@@ -431,7 +433,11 @@ async fn run_session(
                         retry_backoff.remove(&key);
                     }
                     ForwardEnd::Completed if shared.contains(key) => {
-                        let delay = retry_backoff.entry(key).or_default().next_delay();
+                        let delay = retry_backoff
+                            .entry(key)
+                            .or_insert_with(|| RECONNECT.start())
+                            .next_delay()
+                            .unwrap_or(RECONNECT.cap);
                         tracing::debug!(key, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "server completed a subscription, subscribing again");
                         retry_at.insert(key, Instant::now() + delay);
                     }

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-use super::backoff::Backoff;
+use super::backoff::RECONNECT;
 use super::socket::Dial;
 use super::supervisor::{Pending, Settings};
 use super::{ConnectionState, SnapshotStream, SubscriptionClient};
@@ -204,7 +204,7 @@ impl Harness {
             // graphql-ws-client's keep-alive runs on a real-time timer; covered by the
             // integration tests instead.
             keep_alive_interval: None,
-            backoff: Backoff::default(),
+            backoff: RECONNECT,
         };
         let token = CancellationToken::new();
         let client = SubscriptionClient::start_on(
@@ -378,7 +378,7 @@ async fn failed_connects_are_retried_with_bounded_growing_delays_until_one_succe
 
     let attempts = harness.dialer.attempts.lock().unwrap().clone();
     assert_eq!(attempts.len(), REFUSALS + 1);
-    let backoff = Backoff::default();
+    let backoff = RECONNECT;
     for (attempt, pair) in attempts.windows(2).enumerate() {
         let gap = pair[1] - pair[0];
         let ceiling = backoff.ceiling(attempt as u32);

@@ -4,6 +4,7 @@
 //! reports, through NOTIFY, that a table the query can read has committed a change. Results
 //! are compared as complete response bodies, so a change to an unrelated row sends nothing.
 
+use edge::backoff::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +29,7 @@ pub(crate) const CHANGES_CAPACITY: usize = 256;
 
 /// Reconnecting the LISTEN connection after it drops (the database restarted): from 100 ms,
 /// doubling to 5 s, forever — polling keeps live queries correct meanwhile, only slower.
-const LISTEN_RETRY_BASE: Duration = Duration::from_millis(100);
-const LISTEN_RETRY_CAP: Duration = Duration::from_secs(5);
+const LISTEN_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// Connects a dedicated session and LISTENs on [`CHANNEL`]; returns it ready to be driven.
 pub(crate) async fn connect_listener(
@@ -103,8 +103,10 @@ pub(crate) async fn run_listener(
                 }
             }
         }
-        let mut delay = LISTEN_RETRY_BASE;
+        let mut retries = LISTEN_RETRY.start();
         loop {
+            // LISTEN_RETRY has no deadline: a delay is always handed out.
+            let delay = retries.next_delay().unwrap_or(LISTEN_RETRY.cap);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -120,7 +122,6 @@ pub(crate) async fn run_listener(
                 }
                 Err(error) => {
                     tracing::warn!(%error, ?delay, "change listener could not reconnect");
-                    delay = (delay * 2).min(LISTEN_RETRY_CAP);
                 }
             }
         }

@@ -20,8 +20,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use dbclient::types::{MandelboxId, MandelboxStatus, UserId};
-use futures::StreamExt as _;
-use serde_json::{Map, Value, json};
+use edge::body::{self, BodyError, BodyLimits};
+use serde_json::{Value, json};
 use tracing::Instrument as _;
 
 use super::auth::{self, AuthError, Verifier};
@@ -35,21 +35,19 @@ use crate::pairing::{ClientAnswer, ClientRequest, PairingError};
 /// a second on any link a client uses; slower is a slow-loris.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// An oversize body is still read (and thrown away) up to this many bytes before the 413 goes
-/// out: many clients (Python's requests, curl without `Expect`) send the whole body before they
-/// read an answer, and a 413 followed by a closed connection reaches them as a network error.
-/// Larger bodies get the 413 at once and the connection is closed.
+/// out (see [`BodyLimits::drain_bytes`]). Larger bodies get the 413 at once and the connection
+/// is closed.
 const MAX_DRAINED_BYTES: u64 = 4 * 1024 * 1024;
+/// How request bodies are read.
+const BODY_LIMITS: BodyLimits = BodyLimits {
+    max_bytes: MAX_BODY_BYTES,
+    read_timeout: BODY_READ_TIMEOUT,
+    drain_bytes: MAX_DRAINED_BYTES,
+};
 /// Mandelbox owners remembered, so repeated requests for a running mandelbox cost no database
 /// round trip. A host runs a few dozen mandelboxes at most; entries of mandelboxes that are
 /// gone are dropped when the map is full.
 const OWNER_CACHE_CAPACITY: usize = 1024;
-/// What a browser may do cross-origin. `*` as in the later original: the endpoint uses bearer
-/// tokens, never cookies, so any origin may call it with a token it holds.
-const CORS_ALLOW_ORIGIN: &str = "*";
-const CORS_ALLOW_METHODS: &str = "PUT, OPTIONS";
-const CORS_ALLOW_HEADERS: &str = "authorization, content-type";
-/// Browsers may cache a preflight answer this long (seconds).
-const CORS_MAX_AGE: &str = "600";
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECONDS: &str = "5";
 
@@ -140,6 +138,16 @@ impl Refusal {
     }
 }
 
+impl From<BodyError> for Refusal {
+    fn from(error: BodyError) -> Self {
+        match error {
+            BodyError::Unreadable(reason) => Self::UnreadableBody(reason),
+            BodyError::Slow(waited) => Self::SlowBody(waited),
+            BodyError::TooLarge(_) => Self::TooLarge,
+        }
+    }
+}
+
 impl From<PairingError> for Refusal {
     fn from(error: PairingError) -> Self {
         match error {
@@ -180,13 +188,11 @@ impl IntoResponse for Refusal {
 /// "port_32273": …, "private_key": "<hex>", "aes_key": "<hex>"}}`. `aes_key` is the same key
 /// under the name the original's clients read (renamed `private_key` in 2022-06).
 pub fn success_body(answer: &ClientAnswer) -> Value {
-    let mut result = Map::new();
-    for (container_port, host_port) in &answer.host_ports {
-        result.insert(format!("port_{container_port}"), (*host_port).into());
+    edge::json_transport::JsonTransportAnswer {
+        ports: answer.host_ports.clone(),
+        private_key: Some(answer.private_key.clone()),
     }
-    result.insert("private_key".into(), answer.private_key.clone().into());
-    result.insert("aes_key".into(), answer.private_key.clone().into());
-    json!({ "result": result })
+    .to_json()
 }
 
 /// What the handlers share.
@@ -220,14 +226,9 @@ impl<R: ContainerRuntime + Clone + 'static> Endpoint<R> {
 
     /// The whole request: headers and body in, ports and key (or a refusal) out.
     pub async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Value, Refusal> {
-        if let Some(length) = content_length(headers)
-            && length > MAX_BODY_BYTES as u64
-        {
-            if length <= MAX_DRAINED_BYTES {
-                drain(body).await;
-            }
-            return Err(Refusal::TooLarge);
-        }
+        let body = body::check_declared_length(headers, body, &BODY_LIMITS)
+            .await
+            .map_err(Refusal::from)?;
         // A token in the header is checked before the body is read: unauthenticated floods
         // cost a signature check, not a megabyte each. Without authentication (local
         // development) the header is ignored.
@@ -329,53 +330,12 @@ impl<R: ContainerRuntime + Clone + 'static> Endpoint<R> {
     }
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// The body, at most [`MAX_BODY_BYTES`], within [`BODY_READ_TIMEOUT`].
 async fn read_body(body: Body) -> Result<Vec<u8>, Refusal> {
-    let read = async {
-        let mut stream = body.into_data_stream();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Refusal::UnreadableBody(e.to_string()))?;
-            if bytes.len() + chunk.len() > MAX_BODY_BYTES {
-                drop(bytes);
-                drain_stream(stream).await;
-                return Err(Refusal::TooLarge);
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        Ok(bytes)
-    };
-    tokio::time::timeout(BODY_READ_TIMEOUT, read)
+    body::read_body(body, &BODY_LIMITS)
         .await
-        .unwrap_or(Err(Refusal::SlowBody(BODY_READ_TIMEOUT)))
-}
-
-/// Reads and discards `body`, at most [`MAX_DRAINED_BYTES`] within [`BODY_READ_TIMEOUT`].
-async fn drain(body: Body) {
-    drain_stream(body.into_data_stream()).await;
-}
-
-async fn drain_stream(mut stream: axum::body::BodyDataStream) {
-    let discard = async {
-        let mut drained = 0u64;
-        while let Some(Ok(chunk)) = stream.next().await {
-            drained += chunk.len() as u64;
-            if drained > MAX_DRAINED_BYTES {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(BODY_READ_TIMEOUT, discard).await;
+        .map(Vec::from)
+        .map_err(Refusal::from)
 }
 
 /// The router: `PUT /json_transport` (and its CORS preflight), `GET /healthz`; JSON 404 and 405
@@ -429,15 +389,7 @@ async fn json_transport<R: ContainerRuntime + Clone + 'static>(
 }
 
 async fn preflight() -> Response {
-    (
-        StatusCode::NO_CONTENT,
-        [
-            (header::ACCESS_CONTROL_ALLOW_METHODS, CORS_ALLOW_METHODS),
-            (header::ACCESS_CONTROL_ALLOW_HEADERS, CORS_ALLOW_HEADERS),
-            (header::ACCESS_CONTROL_MAX_AGE, CORS_MAX_AGE),
-        ],
-    )
-        .into_response()
+    edge::cors::preflight()
 }
 
 async fn healthz<R: ContainerRuntime + Clone + 'static>(
@@ -459,10 +411,7 @@ async fn method_not_allowed() -> Response {
 }
 
 async fn cors(mut response: Response) -> Response {
-    response.headers_mut().insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static(CORS_ALLOW_ORIGIN),
-    );
+    edge::cors::allow_origin(response.headers_mut());
     response
 }
 

@@ -21,6 +21,7 @@ pub mod request;
 pub mod server;
 pub mod tls;
 
+use edge::backoff::Backoff;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +44,7 @@ use crate::metadata::InstanceIdentity;
 /// Publishing the fingerprint on the instance row is retried through database outages: 250 ms
 /// doubling to 10 s, until it works or the service stops (without it the scaling service
 /// cannot pin the certificate, so giving up is never right).
-const PUBLISH_RETRY_BASE: Duration = Duration::from_millis(250);
-const PUBLISH_RETRY_CAP: Duration = Duration::from_secs(10);
+const PUBLISH_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
 
 #[derive(Debug, thiserror::Error)]
 pub enum JsonTransportError {
@@ -158,8 +158,10 @@ async fn publish_fingerprint(
     fingerprint: Fingerprint,
     shutdown: CancellationToken,
 ) {
-    let mut delay = PUBLISH_RETRY_BASE;
+    let mut retries = PUBLISH_RETRY.start();
     loop {
+        // PUBLISH_RETRY has no deadline: a delay is always handed out.
+        let delay = retries.next_delay().unwrap_or(PUBLISH_RETRY.cap);
         match db
             .set_instance_tls_fingerprint(&instance_id, fingerprint.as_str())
             .await
@@ -180,6 +182,5 @@ async fn publish_fingerprint(
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(PUBLISH_RETRY_CAP);
     }
 }

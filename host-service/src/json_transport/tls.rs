@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use chrono::Datelike as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest as _, Sha256};
 
 /// The certificate file under the root directory (the original's name).
 pub const CERT_FILE: &str = "cert.pem";
@@ -54,7 +53,7 @@ pub struct Fingerprint(String);
 
 impl Fingerprint {
     pub fn of(der: &[u8]) -> Self {
-        Self(hex(&Sha256::digest(der)))
+        Self(edge::pin::fingerprint_of(der))
     }
 
     pub fn as_str(&self) -> &str {
@@ -66,14 +65,6 @@ impl std::fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// A generated certificate and its key.

@@ -18,10 +18,10 @@
 //! overall deadline ([`RetryPolicy`]). The SDK's own retries are switched off, so this is the
 //! one place that decides.
 
+use edge::backoff::{Backoff, Jitter};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -105,35 +105,30 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Delay before attempt `attempt + 1` (attempt counts from 1): "equal jitter", half of the
+    /// EC2 calls' retries as the workspace's one backoff type: "equal jitter", half of the
     /// capped exponential step fixed and half random, so retries from many regions spread out
-    /// but never collapse to zero (AWS Architecture Blog, "Exponential Backoff And Jitter").
+    /// but never collapse to zero (AWS Architecture Blog, "Exponential Backoff And Jitter"),
+    /// within [`RetryPolicy::deadline`].
+    pub fn api_backoff(&self) -> Backoff {
+        Backoff::new(self.base, self.cap)
+            .with_jitter(Jitter::Equal)
+            .with_deadline(self.deadline)
+    }
+
+    /// `wait_running`/`wait_terminated` polls: no jitter (one instance's poll is no herd).
+    pub fn poll_backoff(&self) -> Backoff {
+        Backoff::new(self.poll_base, self.poll_cap)
+    }
+
+    /// Delay before attempt `attempt + 1` (attempt counts from 1).
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let step = exponential(self.base, self.cap, attempt);
-        let half = step / 2;
-        half + random_fraction(half)
+        self.api_backoff().delay(attempt.saturating_sub(1))
     }
 }
 
-/// `base * 2^(attempt-1)`, capped.
+/// `base * 2^(attempt-1)`, capped (attempt counts from 1).
 fn exponential(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    let factor = 1u32
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u32::MAX);
-    base.checked_mul(factor).map_or(cap, |d| d.min(cap))
-}
-
-/// A uniformly random duration in `[0, max]`, from std's per-process random keys (jitter needs
-/// no reproducibility, and this avoids a dependency).
-fn random_fraction(max: Duration) -> Duration {
-    let random = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
-    if nanos == 0 {
-        return Duration::ZERO;
-    }
-    Duration::from_nanos(random % (nanos + 1).max(1))
+    Backoff::new(base, cap).ceiling(attempt.saturating_sub(1))
 }
 
 /// Static credentials, for moto and tests; production uses the default chain (env, profile, IMDS).

@@ -1,7 +1,8 @@
-//! Hostile bearer tokens (issue #7), shared by the two JWT verifiers' property tests: the scaling
-//! service's `JwksVerifier` (`scaling-service/tests/hostile_input.rs`) and the host service's
-//! json_transport `Verifier` (`host-service/tests/hostile_tokens.rs`, which includes this file
-//! by path until the two verifiers are unified).
+//! Hostile bearer tokens (issue #7), shared by both services' JWT verifier property tests: the
+//! scaling service's `JwksVerifier` (`scaling-service/tests/hostile_input.rs`) and the host
+//! service's json_transport `Verifier` (`host-service/tests/hostile_tokens.rs`). Both are the one
+//! `edge::auth::JwksVerifier` since #20; each service's own limits and claim checks differ, so
+//! both are still tested.
 //!
 //! A [`Recipe`] is plain data (so proptest can shrink it); [`Forge::build`] turns it into a token
 //! with devstack's fake Auth0 and says whether a correct verifier must accept it. Only one family
@@ -9,11 +10,12 @@
 //! unexpired, a well-formed `sub`, and the signature untouched (extra claims and header fields a
 //! verifier ignores are allowed). Everything else must be refused.
 
-#![allow(dead_code)]
+// Test support: a forged token that cannot be built is a broken test, said at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 
-use devstack::jwks::{AUDIENCE, FakeJwks, SigningKey};
+use crate::jwks::{AUDIENCE, FakeJwks, SigningKey};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -343,7 +345,7 @@ impl Forge {
             "sub": sub,
             "aud": [AUDIENCE, format!("{}userinfo", self.issuer)],
             "iat": now,
-            "exp": now + devstack::jwks::TOKEN_LIFETIME_SECONDS,
+            "exp": now + crate::jwks::TOKEN_LIFETIME_SECONDS,
             "scope": "openid profile email",
         })
     }

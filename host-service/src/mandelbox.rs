@@ -344,7 +344,6 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     let image = image?;
     let input = input?;
     let private_key = new_private_key();
-    let mappings_dir = dirs.mappings();
     let mut attempt = 1;
     loop {
         let mut spec = build_spec(
@@ -376,7 +375,7 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         // Creating the container and writing its parameters do not depend on each other.
         let (created, written) = tokio::join!(
             host.runtime.create(&spec),
-            mappings::write_params(&mappings_dir, &params)
+            mappings::write_params(&dirs, &params)
         );
         let container_id = created?;
         *container = Some(container_id.clone());
@@ -409,7 +408,7 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
             drop(devices);
         });
     }
-    mappings::mark_params_ready(&mappings_dir).await?;
+    mappings::mark_params_ready(&dirs).await?;
     host.metrics
         .params_ready_seconds
         .observe(event_at.elapsed().as_secs_f64());
@@ -424,14 +423,10 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
             .wait_for_request(id, host.config.json_transport_timeout),
     )
     .await??;
-    mappings::write_config(&mappings_dir, &request.json_data).await?;
+    mappings::write_config(&dirs, &request.json_data).await?;
     unless_exited(
         handle,
-        mappings::wait_for_file(
-            &mappings_dir,
-            mappings::READY_MARKER,
-            host.config.ready_timeout,
-        ),
+        mappings::wait_for_file(&dirs, mappings::READY_MARKER, host.config.ready_timeout),
     )
     .await??;
 

@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bollard::Docker;
 use bollard::models::{
     ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, DeviceMapping,
-    EventMessage, HostConfig, Mount, MountBindOptions, MountBindOptionsPropagationEnum, MountType,
-    PortBinding, PortSummaryTypeEnum,
+    EventMessage, HostConfig, HostConfigCgroupnsModeEnum, Mount, MountBindOptions,
+    MountBindOptionsPropagationEnum, MountType, PortBinding, PortSummaryTypeEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, EventsOptionsBuilder, InspectContainerOptionsBuilder,
@@ -355,6 +355,12 @@ pub struct ContainerSpec {
     pub tty: bool,
     /// OCI runtime, e.g. `nvidia`; `None`: the daemon's default.
     pub runtime: Option<String>,
+    /// Its own cgroup namespace: the container sees its own cgroup as the root of the tree, not
+    /// the host's hierarchy. On by default (Docker's default on cgroup v1 is the host's).
+    pub cgroupns_private: bool,
+    /// Mount the image's root file system read-only; what the container writes goes to its
+    /// binds and tmpfs mounts only. On by default.
+    pub read_only_rootfs: bool,
 }
 
 impl ContainerSpec {
@@ -381,6 +387,8 @@ impl ContainerSpec {
             init: true,
             tty: true,
             runtime: None,
+            cgroupns_private: true,
+            read_only_rootfs: true,
         }
     }
 
@@ -552,6 +560,12 @@ impl ContainerSpec {
             init: Some(self.init),
             runtime: self.runtime.clone(),
             privileged: Some(false),
+            cgroupns_mode: Some(if self.cgroupns_private {
+                HostConfigCgroupnsModeEnum::PRIVATE
+            } else {
+                HostConfigCgroupnsModeEnum::HOST
+            }),
+            readonly_rootfs: Some(self.read_only_rootfs),
             ..HostConfig::default()
         };
         ContainerCreateBody {
@@ -592,6 +606,8 @@ impl fmt::Debug for ContainerSpec {
             .field("init", &self.init)
             .field("tty", &self.tty)
             .field("runtime", &self.runtime)
+            .field("cgroupns_private", &self.cgroupns_private)
+            .field("read_only_rootfs", &self.read_only_rootfs)
             .finish()
     }
 }
@@ -884,6 +900,14 @@ impl DockerRuntime {
     /// The API version in use after negotiation, e.g. `1.41`.
     pub fn api_version(&self) -> String {
         self.docker.client_version().to_string()
+    }
+
+    /// The engine's security options (`docker info`), e.g. `name=seccomp,profile=default`.
+    pub async fn security_options(&self) -> Result<Vec<String>, RuntimeError> {
+        let info = self
+            .call(Op::Connect, "", API_CALL_TIMEOUT, self.docker.info())
+            .await?;
+        Ok(info.security_options.unwrap_or_default())
     }
 
     /// The bollard client, for tests and diagnostics that need more than the trait.
@@ -1454,6 +1478,11 @@ mod tests {
         assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
         assert_eq!(host.cap_add, Some(vec!["SYS_NICE".to_owned()]));
         assert_eq!(host.privileged, Some(false));
+        assert_eq!(
+            host.cgroupns_mode,
+            Some(HostConfigCgroupnsModeEnum::PRIVATE)
+        );
+        assert_eq!(host.readonly_rootfs, Some(true));
         assert_eq!(
             host.security_opt,
             Some(vec!["no-new-privileges:true".to_owned()])

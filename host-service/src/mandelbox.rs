@@ -83,6 +83,8 @@ pub enum SpinUpError {
     Stopped,
     #[error("input devices: {0}")]
     Input(#[from] crate::uinput::UinputError),
+    #[error("refused to start less confined than documented: {0}")]
+    Confinement(#[from] crate::confinement::ConfinementError),
 }
 
 impl SpinUpError {
@@ -100,6 +102,7 @@ impl SpinUpError {
             Self::ExitedEarly(_) => "exited_early",
             Self::Stopped => "stopped",
             Self::Input(_) => "input_devices",
+            Self::Confinement(_) => "confinement",
         }
     }
 }
@@ -337,6 +340,11 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         ended,
     } = *job;
     let id = row.id;
+    // Checked at every spin-up: a profile unloaded since the start must not go unnoticed.
+    let apparmor = crate::confinement::apparmor_for_mandelbox(
+        host.config.app_env,
+        &host.config.apparmor_profile,
+    )?;
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     let session_id = sanitize_session_id(row.session_id.as_deref());
     let (created_dirs, input) = tokio::join!(dirs.create(&session_id), create_input_devices(host));
@@ -355,6 +363,7 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
             &image,
             &private_key,
         );
+        spec.apparmor_profile.clone_from(&apparmor);
         if let Some(devices) = &input {
             for device in &devices.devices {
                 spec.devices.push(Device {
@@ -660,15 +669,14 @@ fn build_spec<R: ContainerRuntime + Clone + 'static>(
         bind(dirs.logs(session_id), "/var/log/whist", false),
         bind(dirs.user_configs(), "/whist/userConfigs", false),
     ];
-    for (host_path, container) in [
-        ("/sys/fs/cgroup", "/sys/fs/cgroup"),
-        ("/run/udev/data", "/run/udev/data"),
-    ] {
-        if std::path::Path::new(host_path).exists() {
-            spec.binds
-                .push(bind(PathBuf::from(host_path), container, true));
-        }
+    // The host's /sys/fs/cgroup is not bound in (the original did): the container has its own
+    // cgroup namespace and sees its own cgroup as the root (`cgroupns_private`, on by default).
+    let udev = std::path::Path::new("/run/udev/data");
+    if udev.exists() {
+        spec.binds
+            .push(bind(udev.to_owned(), "/run/udev/data", true));
     }
+    spec.read_only_rootfs = host.config.read_only_rootfs;
     spec.ports = allocation.ports.clone();
     // FUSE for the mandelbox's file sync, where the host has it (input devices are added by
     // the caller where the host has uinput).
@@ -680,7 +688,7 @@ fn build_spec<R: ContainerRuntime + Clone + 'static>(
         });
     }
     spec.cap_add = CAP_ADD.iter().map(|c| (*c).to_owned()).collect();
-    spec.apparmor_profile = host.apparmor_profile.clone();
+    // The AppArmor profile is the caller's: checked against the kernel at each spin-up.
     spec.shm_size_bytes = Some(SHM_SIZE_BYTES);
     spec.tmpfs = ["/run", "/run/lock"]
         .iter()

@@ -678,15 +678,8 @@ fn build_spec<R: ContainerRuntime + Clone + 'static>(
     }
     spec.read_only_rootfs = host.config.read_only_rootfs;
     spec.ports = allocation.ports.clone();
-    // FUSE for the mandelbox's file sync, where the host has it (input devices are added by
-    // the caller where the host has uinput).
-    if std::path::Path::new("/dev/fuse").exists() {
-        spec.devices.push(Device {
-            host_path: PathBuf::from("/dev/fuse"),
-            container_path: PathBuf::from("/dev/fuse"),
-            permissions: "rwm".to_owned(),
-        });
-    }
+    // No /dev/fuse (the original mapped it for the user's cloud storage): a FUSE mount needs a
+    // user namespace or CAP_SYS_ADMIN, and the seccomp and AppArmor profiles deny every mount.
     spec.cap_add = CAP_ADD.iter().map(|c| (*c).to_owned()).collect();
     // The AppArmor profile is the caller's: checked against the kernel at each spin-up.
     spec.shm_size_bytes = Some(SHM_SIZE_BYTES);

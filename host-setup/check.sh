@@ -452,20 +452,38 @@ fi
 check "daemon.json and seccomp-patch.json: valid JSON, NVIDIA default runtime, live-restore" \
   "${HELPER[@]}" daemon-json
 merge_seccomp() {
-  # The jq program setup_host.sh runs, on a stand-in for Docker's default profile.
-  local program
-  program=$(sed -nE "s/^  jq -s '(.*)' \"\\\$tmp\/default.json\" \\\\$/\1/p" host-setup/setup_host.sh)
-  [[ -n $program ]] || {
-    echo "cannot find the jq merge in setup_host.sh"
+  # What setup_host.sh runs, on a stand-in for Docker's default profile with its clone, clone3
+  # and CAP_SYS_ADMIN rules.
+  local dir=host-setup/docker-daemon-config
+  if ! grep -q 'seccomp-mandelbox.jq' host-setup/setup_host.sh ||
+    ! grep -q 'seccomp-verify.jq' host-setup/setup_host.sh; then
+    echo "setup_host.sh does not run seccomp-mandelbox.jq and seccomp-verify.jq"
     return 1
-  }
-  echo '{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW"}]}' \
-    >"$SCRATCH/default.json"
-  jq -s "$program" "$SCRATCH/default.json" host-setup/docker-daemon-config/seccomp-patch.json |
-    jq -e '.defaultAction == "SCMP_ACT_ERRNO" and ([.syscalls[].names[]] | index("read") and index("mount"))'
+  fi
+  cat >"$SCRATCH/default.json" <<'JSON'
+{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[
+ {"names":["read","write"],"action":"SCMP_ACT_ALLOW"},
+ {"names":["clone"],"action":"SCMP_ACT_ALLOW","excludes":{"caps":["CAP_SYS_ADMIN"]},
+  "args":[{"index":0,"value":2114060288,"op":"SCMP_CMP_MASKED_EQ"}]},
+ {"names":["clone3"],"action":"SCMP_ACT_ERRNO","errnoRet":38,"excludes":{"caps":["CAP_SYS_ADMIN"]}},
+ {"names":["bpf","clone","clone3","mount","setns","umount2","unshare"],"action":"SCMP_ACT_ALLOW",
+  "includes":{"caps":["CAP_SYS_ADMIN"]}}]}
+JSON
+  if jq -e -f "$dir/seccomp-verify.jq" "$SCRATCH/default.json" >/dev/null; then
+    echo "seccomp-verify.jq accepts Docker's profile, which lets CAP_SYS_ADMIN unshare"
+    return 1
+  fi
+  jq --slurpfile patch "$dir/seccomp-patch.json" -f "$dir/seccomp-mandelbox.jq" \
+    "$SCRATCH/default.json" >"$SCRATCH/seccomp.json" &&
+    jq -e -f "$dir/seccomp-verify.jq" "$SCRATCH/seccomp.json" &&
+    jq -e '[.syscalls[].names[]] | index("read") != null and index("bpf") != null' \
+      "$SCRATCH/seccomp.json" &&
+    jq -e '[.syscalls[] | select(.names == ["clone"]) | .args[0].value] == [2114060288]' \
+      "$SCRATCH/seccomp.json"
 }
 if have jq; then
-  check "seccomp: setup_host.sh's merge keeps Docker's rules and adds ours" merge_seccomp
+  check "seccomp: setup_host.sh's profile keeps Docker's rules, denies user namespaces and mounts" \
+    merge_seccomp
 else
   skip seccomp "jq is not installed"
 fi

@@ -253,9 +253,18 @@ def check_daemon_json() -> None:
     if daemon.get("live-restore") is not True:
         fail("live-restore must be on: a Docker restart must not kill mandelboxes")
     patch = json.loads((HOST_SETUP / "docker-daemon-config/seccomp-patch.json").read_text())
+    removed = set(patch.get("remove_names", []))
+    for name in ("unshare", "setns", "mount", "umount2", "clone3"):
+        if name not in removed:
+            fail(f"seccomp patch must remove {name} from Docker's rules (remove_names)")
     for entry in patch.get("syscalls", []):
-        if not entry.get("names") or entry.get("action") != "SCMP_ACT_ALLOW":
-            fail(f"seccomp patch entry {entry} must name syscalls and allow them")
+        if not entry.get("names"):
+            fail(f"seccomp patch entry {entry} must name syscalls")
+        elif entry.get("action") == "SCMP_ACT_ALLOW":
+            if removed & set(entry["names"]) or "clone" in entry["names"]:
+                fail(f"seccomp patch entry {entry} allows a namespace or mount call again")
+        elif entry.get("action") != "SCMP_ACT_ERRNO" or not entry.get("errnoRet"):
+            fail(f"seccomp patch entry {entry} must allow, or fail with a named errnoRet")
 
 
 def check_udev() -> None:

@@ -264,7 +264,8 @@ setup_apparmor() {
   fi
 }
 
-# Docker's default seccomp profile for the installed engine, plus seccomp-patch.json.
+# Docker's default seccomp profile for the installed engine, made stricter by seccomp-patch.json
+# (seccomp-mandelbox.jq) and checked by seccomp-verify.jq: no user namespaces, no mounts.
 generate_seccomp() {
   local version tmp
   version=$(dockerd --version | sed -E 's/^Docker version ([0-9]+\.[0-9]+\.[0-9]+).*/\1/')
@@ -272,10 +273,12 @@ generate_seccomp() {
   tmp=$(mktemp -d)
   # shellcheck disable=SC2059
   curl -fsSL "$(printf "$MOBY_SECCOMP_URL" "$version")" -o "$tmp/default.json"
-  jq -s '.[0].syscalls += .[1].syscalls | .[0]' "$tmp/default.json" \
-    "$HERE/docker-daemon-config/seccomp-patch.json" >"$tmp/seccomp.json"
-  jq -e '.defaultAction == "SCMP_ACT_ERRNO" and (.syscalls | length) > 100' "$tmp/seccomp.json" \
-    >/dev/null || die "the generated seccomp profile looks wrong ($tmp/seccomp.json)"
+  jq --slurpfile patch "$HERE/docker-daemon-config/seccomp-patch.json" \
+    -f "$HERE/docker-daemon-config/seccomp-mandelbox.jq" "$tmp/default.json" >"$tmp/seccomp.json"
+  if ! jq -e '(.syscalls | length) > 100' "$tmp/seccomp.json" >/dev/null ||
+    ! jq -e -f "$HERE/docker-daemon-config/seccomp-verify.jq" "$tmp/seccomp.json" >/dev/null; then
+    die "the generated seccomp profile looks wrong ($tmp/seccomp.json)"
+  fi
   if install_file 0644 "$tmp/seccomp.json" /etc/docker/seccomp.json; then CHANGED_DOCKER=true; fi
   rm -rf "$tmp"
 }

@@ -82,6 +82,12 @@ pub struct Args {
     /// Address of the operations endpoint (`/metrics`, `/healthz`, `/readyz`).
     #[arg(long, env = "WHIST_OPS_ADDR", default_value = "127.0.0.1:4679")]
     pub ops_addr: SocketAddr,
+    /// Networks besides loopback whose peers may reach the operations endpoint, comma-separated
+    /// `ADDRESS/PREFIX` (e.g. the VPC's, for a Prometheus scraper). Every other peer, a
+    /// mandelbox included, is disconnected unread whatever `--ops-addr` binds. Name no network
+    /// that holds containers.
+    #[arg(long, env = "WHIST_OPS_ALLOW", value_delimiter = ',')]
+    pub ops_allow: Vec<crate::ops::AllowedNet>,
     /// Address of the client-facing HTTPS endpoint (`PUT /json_transport`, `GET /healthz`).
     #[arg(
         long,
@@ -102,13 +108,18 @@ pub struct Args {
     /// Clock skew allowed on a token's `exp` and `nbf` (at most 5m).
     #[arg(long, env = "WHIST_AUTH_LEEWAY", default_value = "30s", value_parser = parse_duration)]
     pub auth_leeway: Duration,
-    /// AppArmor profile for mandelboxes, applied when the host has AppArmor and it is loaded.
+    /// AppArmor profile for mandelboxes. Outside local development a mandelbox starts only under
+    /// it (loaded at start if installed but not loaded); locally it is used when loaded.
     #[arg(
         long,
         env = "WHIST_APPARMOR_PROFILE",
         default_value = "mandelbox-apparmor-profile"
     )]
     pub apparmor_profile: String,
+    /// Mount the mandelbox image's root file system read-only (what it writes goes to its binds
+    /// and tmpfs mounts). `false` for an image that writes to its root at run time.
+    #[arg(long, env = "WHIST_READ_ONLY_ROOTFS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub read_only_rootfs: bool,
     /// Run Docker's init as the container's PID 1. Default: on in local development (the test
     /// image needs it to stop promptly), off elsewhere (the real image runs systemd as PID 1).
     #[arg(long, env = "WHIST_CONTAINER_INIT")]
@@ -140,10 +151,13 @@ pub struct Config {
     pub stop_grace: Duration,
     pub poweroff: bool,
     pub ops_addr: SocketAddr,
+    /// Networks besides loopback that may reach the operations endpoint.
+    pub ops_allow: Vec<crate::ops::AllowedNet>,
     pub json_transport_addr: SocketAddr,
     /// How json_transport requests are authenticated; `None` (local development only): not at all.
     pub auth: Option<crate::json_transport::AuthConfig>,
     pub apparmor_profile: String,
+    pub read_only_rootfs: bool,
     pub container_init: bool,
     pub commit: String,
 }
@@ -245,9 +259,11 @@ impl Args {
             stop_grace: self.stop_grace,
             poweroff: self.poweroff,
             ops_addr: self.ops_addr,
+            ops_allow: self.ops_allow,
             json_transport_addr: self.json_transport_addr,
             auth,
             apparmor_profile: self.apparmor_profile,
+            read_only_rootfs: self.read_only_rootfs,
             container_init: self.container_init.unwrap_or(env.is_local()),
             commit: BUILD_COMMIT.to_owned(),
         })

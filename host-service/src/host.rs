@@ -63,7 +63,6 @@ pub struct Host<R> {
     pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
     pub gpu_count: usize,
-    pub apparmor_profile: Option<String>,
     /// Whether `/dev/uinput` exists: mandelboxes get virtual input devices only then.
     pub uinput_available: bool,
     /// Local image lookups, kept for [`IMAGE_CACHE_TTL`]: listing images costs a Docker round
@@ -88,7 +87,6 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
         resources: Resources,
         metrics: Metrics,
         readiness: Arc<Readiness>,
-        apparmor_profile: Option<String>,
     ) -> Self {
         let gpu_count = resources.gpu_count();
         Self {
@@ -100,7 +98,6 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
             metrics,
             readiness,
             gpu_count,
-            apparmor_profile,
             uinput_available: std::path::Path::new(crate::uinput::UINPUT_PATH).exists(),
             images: Mutex::new(HashMap::new()),
             resources: Mutex::new(resources),

@@ -22,6 +22,7 @@
 //! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint).
 
 pub mod config;
+pub mod confinement;
 pub mod docker;
 pub mod gpus;
 pub mod host;
@@ -115,6 +116,8 @@ pub enum HostError {
     Metrics(#[from] prometheus::Error),
     #[error("json_transport endpoint: {0}")]
     JsonTransport(#[from] json_transport::JsonTransportError),
+    #[error("confinement: {0}")]
+    Confinement(#[from] confinement::ConfinementError),
     #[error("cannot serve the operations endpoint on {addr}: {source}")]
     Ops {
         addr: std::net::SocketAddr,
@@ -142,6 +145,7 @@ pub async fn run(config: Config, signals: Signals) -> Result<Stopped, HostError>
     let tags = identity.report_tags(&config.commit);
     logger::tag_scope(tags.iter().map(|(key, value)| (*key, value.as_str())));
     let runtime = DockerRuntime::connect(&config.docker_socket).await?;
+    confinement::check_seccomp(config.app_env, &runtime.security_options().await?)?;
     run_with(config, identity, runtime, signals, |_| {}).await
 }
 
@@ -196,6 +200,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         })?;
     let ops_server = tokio::spawn(ops::serve(
         ops_listener,
+        config.ops_allow.clone(),
         metrics.clone(),
         readiness.clone(),
         background.clone(),
@@ -233,7 +238,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         }
     }
 
-    let apparmor_profile = apparmor_profile_if_loaded(&config.apparmor_profile);
+    confinement::load_apparmor_profile(config.app_env, &config.apparmor_profile).await;
     let host = Arc::new(Host::new(
         config,
         identity,
@@ -242,7 +247,6 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         resources,
         metrics.clone(),
         readiness.clone(),
-        apparmor_profile,
     ));
     let tasks = host.tasks.clone();
     if draining_at_start {
@@ -318,31 +322,6 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         power_off().await;
     }
     Ok(Stopped::Drained)
-}
-
-/// The profile's name when the kernel has AppArmor and the profile is loaded; `None` (and a
-/// warning outside local development) otherwise, since Docker silently ignores an unknown one.
-fn apparmor_profile_if_loaded(profile: &str) -> Option<String> {
-    match std::fs::read_to_string("/sys/kernel/security/apparmor/profiles") {
-        Ok(loaded)
-            if loaded
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(profile)) =>
-        {
-            Some(profile.to_owned())
-        }
-        Ok(_) => {
-            tracing::warn!(
-                profile,
-                "AppArmor profile not loaded: mandelboxes run without it"
-            );
-            None
-        }
-        Err(_) => {
-            tracing::info!("no AppArmor on this host");
-            None
-        }
-    }
 }
 
 async fn power_off() {

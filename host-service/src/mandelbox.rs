@@ -83,6 +83,8 @@ pub enum SpinUpError {
     Stopped,
     #[error("input devices: {0}")]
     Input(#[from] crate::uinput::UinputError),
+    #[error("refused to start less confined than documented: {0}")]
+    Confinement(#[from] crate::confinement::ConfinementError),
 }
 
 impl SpinUpError {
@@ -100,6 +102,7 @@ impl SpinUpError {
             Self::ExitedEarly(_) => "exited_early",
             Self::Stopped => "stopped",
             Self::Input(_) => "input_devices",
+            Self::Confinement(_) => "confinement",
         }
     }
 }
@@ -337,6 +340,11 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         ended,
     } = *job;
     let id = row.id;
+    // Checked at every spin-up: a profile unloaded since the start must not go unnoticed.
+    let apparmor = crate::confinement::apparmor_for_mandelbox(
+        host.config.app_env,
+        &host.config.apparmor_profile,
+    )?;
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     let session_id = sanitize_session_id(row.session_id.as_deref());
     let (created_dirs, input) = tokio::join!(dirs.create(&session_id), create_input_devices(host));
@@ -344,7 +352,6 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     let image = image?;
     let input = input?;
     let private_key = new_private_key();
-    let mappings_dir = dirs.mappings();
     let mut attempt = 1;
     loop {
         let mut spec = build_spec(
@@ -356,6 +363,7 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
             &image,
             &private_key,
         );
+        spec.apparmor_profile.clone_from(&apparmor);
         if let Some(devices) = &input {
             for device in &devices.devices {
                 spec.devices.push(Device {
@@ -376,7 +384,7 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         // Creating the container and writing its parameters do not depend on each other.
         let (created, written) = tokio::join!(
             host.runtime.create(&spec),
-            mappings::write_params(&mappings_dir, &params)
+            mappings::write_params(&dirs, &params)
         );
         let container_id = created?;
         *container = Some(container_id.clone());
@@ -409,7 +417,7 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
             drop(devices);
         });
     }
-    mappings::mark_params_ready(&mappings_dir).await?;
+    mappings::mark_params_ready(&dirs).await?;
     host.metrics
         .params_ready_seconds
         .observe(event_at.elapsed().as_secs_f64());
@@ -424,14 +432,10 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
             .wait_for_request(id, host.config.json_transport_timeout),
     )
     .await??;
-    mappings::write_config(&mappings_dir, &request.json_data).await?;
+    mappings::write_config(&dirs, &request.json_data).await?;
     unless_exited(
         handle,
-        mappings::wait_for_file(
-            &mappings_dir,
-            mappings::READY_MARKER,
-            host.config.ready_timeout,
-        ),
+        mappings::wait_for_file(&dirs, mappings::READY_MARKER, host.config.ready_timeout),
     )
     .await??;
 
@@ -665,27 +669,19 @@ fn build_spec<R: ContainerRuntime + Clone + 'static>(
         bind(dirs.logs(session_id), "/var/log/whist", false),
         bind(dirs.user_configs(), "/whist/userConfigs", false),
     ];
-    for (host_path, container) in [
-        ("/sys/fs/cgroup", "/sys/fs/cgroup"),
-        ("/run/udev/data", "/run/udev/data"),
-    ] {
-        if std::path::Path::new(host_path).exists() {
-            spec.binds
-                .push(bind(PathBuf::from(host_path), container, true));
-        }
+    // The host's /sys/fs/cgroup is not bound in (the original did): the container has its own
+    // cgroup namespace and sees its own cgroup as the root (`cgroupns_private`, on by default).
+    let udev = std::path::Path::new("/run/udev/data");
+    if udev.exists() {
+        spec.binds
+            .push(bind(udev.to_owned(), "/run/udev/data", true));
     }
+    spec.read_only_rootfs = host.config.read_only_rootfs;
     spec.ports = allocation.ports.clone();
-    // FUSE for the mandelbox's file sync, where the host has it (input devices are added by
-    // the caller where the host has uinput).
-    if std::path::Path::new("/dev/fuse").exists() {
-        spec.devices.push(Device {
-            host_path: PathBuf::from("/dev/fuse"),
-            container_path: PathBuf::from("/dev/fuse"),
-            permissions: "rwm".to_owned(),
-        });
-    }
+    // No /dev/fuse (the original mapped it for the user's cloud storage): a FUSE mount needs a
+    // user namespace or CAP_SYS_ADMIN, and the seccomp and AppArmor profiles deny every mount.
     spec.cap_add = CAP_ADD.iter().map(|c| (*c).to_owned()).collect();
-    spec.apparmor_profile = host.apparmor_profile.clone();
+    // The AppArmor profile is the caller's: checked against the kernel at each spin-up.
     spec.shm_size_bytes = Some(SHM_SIZE_BYTES);
     spec.tmpfs = ["/run", "/run/lock"]
         .iter()

@@ -14,13 +14,29 @@
 //! to read. The files are not fsynced: they matter only while the container runs, and a power
 //! loss ends the container too (an fsync per file cost milliseconds on every spin-up). The
 //! directories are 0755 and the files 0644, owned by root (the original made all of it 0777).
+//!
+//! **No link is followed below the root.** The resource-mapping directory is bind-mounted
+//! read-write into the mandelbox, and code running as root in it can plant a symbolic link (or
+//! a FIFO) under any name the host will use. So every read and write the host makes there opens
+//! the directory once, walking each component below the root with `O_NOFOLLOW`, and works
+//! relative to that descriptor: the temporary file has a random name and is created with
+//! `O_CREAT | O_EXCL | O_NOFOLLOW` (a planted link makes the create fail, it is never written
+//! through), `renameat` replaces whatever entry holds the final name (a planted link is replaced,
+//! not followed), and reads open with `O_NOFOLLOW | O_NONBLOCK` and take regular files only. The
+//! root itself (`--root-dir`) is the operator's and may be a link. Removal uses
+//! `remove_dir_all`, which never follows links below the path it is given (and removes a link
+//! given as that path, not its target).
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-use std::path::{Path, PathBuf};
+use std::io::{Read as _, Write as _};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dbclient::types::MandelboxId;
+use nix::fcntl::{OFlag, openat, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
+use nix::unistd::{UnlinkatFlags, unlinkat};
 
 /// Host port bound to the protocol's discovery port, read by `run-whist-server.sh`.
 pub const HOST_PORT_FILE: &str = "hostPort_for_my_32262_tcp";
@@ -39,6 +55,12 @@ pub const CONFIG_READY: &str = ".configReady";
 pub const READY_MARKER: &str = "done_sleeping_until_X_clients";
 
 const DIR_MODE: u32 = 0o755;
+/// The largest file the host reads back from a mandelbox's directory (its parameters are a few
+/// bytes each): a mandelbox cannot make the host read a huge file into memory.
+const MAX_READ_BYTES: u64 = 4096;
+/// Temporary names tried before giving up; a collision of 64 random bits means someone is
+/// planting names, not chance.
+const TEMP_NAME_ATTEMPTS: u32 = 4;
 const FILE_MODE: u32 = 0o644;
 /// How often a wait for a file the mandelbox writes looks again. The mandelbox's own scripts
 /// poll too; 25 ms keeps the readiness wait's added latency negligible next to a container start.
@@ -55,6 +77,8 @@ pub enum MappingError {
     },
     #[error("{path} did not appear within {timeout:?}")]
     Timeout { path: PathBuf, timeout: Duration },
+    #[error("{path} is not a plain file name or relative directory")]
+    BadName { path: PathBuf },
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MappingError {
@@ -87,7 +111,13 @@ impl MandelboxDirs {
     }
 
     pub fn mappings(&self) -> PathBuf {
-        self.base().join("mandelboxResourceMappings")
+        self.root.join(self.mappings_relative())
+    }
+
+    /// [`mappings`](Self::mappings) below the root: the part that is walked without following
+    /// links.
+    fn mappings_relative(&self) -> PathBuf {
+        PathBuf::from(self.id.to_string()).join("mandelboxResourceMappings")
     }
 
     pub fn user_configs(&self) -> PathBuf {
@@ -151,24 +181,57 @@ async fn create_dir(dir: &Path) -> Result<(), MappingError> {
         .map_err(io_error("set permissions of", dir))
 }
 
-/// Writes `contents` to `dir/name` atomically: a temporary file in the same directory, then
-/// renamed over the target.
-pub async fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), MappingError> {
-    let dir = dir.to_owned();
+fn nix_error(action: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> MappingError {
+    let path = path.to_owned();
+    move |errno| MappingError::Io {
+        action,
+        path,
+        source: std::io::Error::from(errno),
+    }
+}
+
+/// Opens `root/relative` as a directory without following a link anywhere below `root`.
+pub fn open_dir_beneath(root: &Path, relative: &Path) -> Result<OwnedFd, MappingError> {
+    let path = root.join(relative);
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut dir = nix::fcntl::open(root, flags, Mode::empty()).map_err(nix_error("open", root))?;
+    for component in relative.components() {
+        let Component::Normal(name) = component else {
+            return Err(MappingError::BadName { path });
+        };
+        dir = openat(&dir, name, flags | OFlag::O_NOFOLLOW, Mode::empty())
+            .map_err(nix_error("open without following links", &path))?;
+    }
+    Ok(dir)
+}
+
+/// A single file name: no separator, not `.` or `..`, not empty.
+fn check_name(dir: &Path, name: &str) -> Result<(), MappingError> {
+    let mut components = Path::new(name).components();
+    match (components.next(), components.next()) {
+        (Some(Component::Normal(n)), None) if n == name => Ok(()),
+        _ => Err(MappingError::BadName {
+            path: dir.join(name),
+        }),
+    }
+}
+
+/// Writes `contents` to `root/relative/name` atomically, following no link below `root`: a
+/// temporary file with a random name, created exclusively in the directory's descriptor, then
+/// renamed over whatever holds `name` (a planted link is replaced, never written through).
+pub async fn write_atomic(
+    root: &Path,
+    relative: &Path,
+    name: &str,
+    contents: &[u8],
+) -> Result<(), MappingError> {
+    let root = root.to_owned();
+    let relative = relative.to_owned();
     let name = name.to_owned();
     let contents = contents.to_owned();
-    let target = dir.join(&name);
-    let result = tokio::task::spawn_blocking(move || -> Result<(), MappingError> {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)
-            .map_err(io_error("create", &tmp))?;
-        file.write_all(&contents).map_err(io_error("write", &tmp))?;
-        std::fs::rename(&tmp, dir.join(&name)).map_err(io_error("rename", &tmp))
+    let target = root.join(&relative).join(&name);
+    let result = tokio::task::spawn_blocking(move || {
+        write_atomic_blocking(&root, &relative, &name, &contents)
     })
     .await;
     match result {
@@ -179,6 +242,79 @@ pub async fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(),
             source: std::io::Error::other(join.to_string()),
         }),
     }
+}
+
+fn write_atomic_blocking(
+    root: &Path,
+    relative: &Path,
+    name: &str,
+    contents: &[u8],
+) -> Result<(), MappingError> {
+    let dir_path = root.join(relative);
+    check_name(&dir_path, name)?;
+    let dir = open_dir_beneath(root, relative)?;
+    let mut attempt = 1;
+    let (tmp, file) = loop {
+        let tmp = format!(".{name}.{:016x}.tmp", rand::random::<u64>());
+        let created = openat(
+            &dir,
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(FILE_MODE),
+        );
+        match created {
+            Ok(fd) => break (tmp, std::fs::File::from(fd)),
+            Err(nix::Error::EEXIST) if attempt < TEMP_NAME_ATTEMPTS => attempt += 1,
+            Err(e) => return Err(nix_error("create", &dir_path.join(&tmp))(e)),
+        }
+    };
+    let tmp_path = dir_path.join(&tmp);
+    let written = (|| {
+        // The umask may have narrowed the mode; fchmod works on the descriptor, not a path.
+        file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
+            .map_err(io_error("set permissions of", &tmp_path))?;
+        (&file)
+            .write_all(contents)
+            .map_err(io_error("write", &tmp_path))?;
+        renameat(&dir, tmp.as_str(), &dir, name).map_err(nix_error("rename", &tmp_path))
+    })();
+    if written.is_err() {
+        // Best effort: the directory goes with the mandelbox anyway.
+        let _ = unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+    }
+    written
+}
+
+/// Reads the regular file `name` of an open directory, without following a link and without
+/// blocking on a FIFO; at most [`MAX_READ_BYTES`].
+fn read_beneath(dir: &OwnedFd, dir_path: &Path, name: &str) -> Result<String, MappingError> {
+    let path = dir_path.join(name);
+    check_name(dir_path, name)?;
+    let fd = openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(nix_error("open without following links", &path))?;
+    let stat = fstat(&fd).map_err(nix_error("stat", &path))?;
+    if !is_regular(&stat) {
+        return Err(MappingError::Io {
+            action: "read",
+            path,
+            source: std::io::Error::other("not a regular file"),
+        });
+    }
+    let mut text = String::new();
+    std::fs::File::from(fd)
+        .take(MAX_READ_BYTES)
+        .read_to_string(&mut text)
+        .map_err(io_error("read", &path))?;
+    Ok(text)
+}
+
+fn is_regular(stat: &FileStat) -> bool {
+    SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
 }
 
 /// The resource-mapping parameters, written before `.paramsReady`.
@@ -194,7 +330,7 @@ pub struct Params {
 
 /// Writes the parameter files, then `.paramsReady` last, so the mandelbox never sees the marker
 /// before every parameter.
-pub async fn write_params(dir: &Path, params: &Params) -> Result<(), MappingError> {
+pub async fn write_params(dirs: &MandelboxDirs, params: &Params) -> Result<(), MappingError> {
     let files = [
         (HOST_PORT_FILE, params.host_port_32262.to_string()),
         (TTY_FILE, params.tty.to_string()),
@@ -202,33 +338,50 @@ pub async fn write_params(dir: &Path, params: &Params) -> Result<(), MappingErro
         (SESSION_ID_FILE, params.session_id.clone()),
         (TIMEOUT_FILE, params.protocol_timeout_seconds.to_string()),
     ];
+    let relative = dirs.mappings_relative();
     let writes = files
         .iter()
-        .map(|(name, value)| write_atomic(dir, name, value.as_bytes()));
+        .map(|(name, value)| write_atomic(&dirs.root, &relative, name, value.as_bytes()));
     futures::future::try_join_all(writes).await?;
     Ok(())
 }
 
-pub async fn mark_params_ready(dir: &Path) -> Result<(), MappingError> {
-    write_atomic(dir, PARAMS_READY, PARAMS_READY.as_bytes()).await
+pub async fn mark_params_ready(dirs: &MandelboxDirs) -> Result<(), MappingError> {
+    write_mapping(dirs, PARAMS_READY, PARAMS_READY.as_bytes()).await
 }
 
 /// Writes `config.json` and then `.configReady`.
-pub async fn write_config(dir: &Path, json_data: &str) -> Result<(), MappingError> {
-    write_atomic(dir, CONFIG_JSON, json_data.as_bytes()).await?;
-    write_atomic(dir, CONFIG_READY, CONFIG_READY.as_bytes()).await
+pub async fn write_config(dirs: &MandelboxDirs, json_data: &str) -> Result<(), MappingError> {
+    write_mapping(dirs, CONFIG_JSON, json_data.as_bytes()).await?;
+    write_mapping(dirs, CONFIG_READY, CONFIG_READY.as_bytes()).await
 }
 
-/// Waits until the mandelbox has created `dir/name`, for at most `timeout`.
-pub async fn wait_for_file(dir: &Path, name: &str, timeout: Duration) -> Result<(), MappingError> {
-    let path = dir.join(name);
+async fn write_mapping(
+    dirs: &MandelboxDirs,
+    name: &str,
+    contents: &[u8],
+) -> Result<(), MappingError> {
+    write_atomic(&dirs.root, &dirs.mappings_relative(), name, contents).await
+}
+
+/// Waits until the mandelbox has created `name` in its resource-mapping directory, for at most
+/// `timeout`. Any entry counts (a link is not followed to decide).
+pub async fn wait_for_file(
+    dirs: &MandelboxDirs,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), MappingError> {
+    let dir_path = dirs.mappings();
+    let path = dir_path.join(name);
+    check_name(&dir_path, name)?;
+    // Opening a local directory and a stat take microseconds: no need for the blocking pool.
+    let dir = open_dir_beneath(&dirs.root, &dirs.mappings_relative())?;
     let started = Instant::now();
     loop {
-        // A stat of a local file takes microseconds: no need for the blocking pool.
-        match path.try_exists() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => return Err(io_error("look for", &path)(e)),
+        match fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(_) => return Ok(()),
+            Err(nix::Error::ENOENT) => {}
+            Err(e) => return Err(nix_error("look for", &path)(e)),
         }
         if started.elapsed() >= timeout {
             return Err(MappingError::Timeout { path, timeout });
@@ -237,23 +390,31 @@ pub async fn wait_for_file(dir: &Path, name: &str, timeout: Duration) -> Result<
     }
 }
 
-/// Reads back the parameters of a mandelbox found on disk at start-up (reconcile).
-pub async fn read_params(dir: &Path) -> Option<Params> {
-    let read = |name: &'static str| {
-        let path = dir.join(name);
-        async move {
-            tokio::fs::read_to_string(path)
-                .await
-                .ok()
-                .map(|s| s.trim().to_owned())
-        }
+/// Reads back the parameters of a mandelbox found on disk at start-up (reconcile). `None` when
+/// any is missing, unreadable or not a regular file.
+pub async fn read_params(dirs: &MandelboxDirs) -> Option<Params> {
+    let root = dirs.root.clone();
+    let relative = dirs.mappings_relative();
+    tokio::task::spawn_blocking(move || read_params_blocking(&root, &relative))
+        .await
+        .ok()
+        .flatten()
+}
+
+fn read_params_blocking(root: &Path, relative: &Path) -> Option<Params> {
+    let dir = open_dir_beneath(root, relative).ok()?;
+    let dir_path = root.join(relative);
+    let read = |name: &str| {
+        read_beneath(&dir, &dir_path, name)
+            .ok()
+            .map(|s| s.trim().to_owned())
     };
     Some(Params {
-        host_port_32262: read(HOST_PORT_FILE).await?.parse().ok()?,
-        tty: read(TTY_FILE).await?.parse().ok()?,
-        gpu_index: read(GPU_INDEX_FILE).await?.parse().ok()?,
-        session_id: read(SESSION_ID_FILE).await?,
-        protocol_timeout_seconds: read(TIMEOUT_FILE).await?.parse().ok()?,
+        host_port_32262: read(HOST_PORT_FILE)?.parse().ok()?,
+        tty: read(TTY_FILE)?.parse().ok()?,
+        gpu_index: read(GPU_INDEX_FILE)?.parse().ok()?,
+        session_id: read(SESSION_ID_FILE)?,
+        protocol_timeout_seconds: read(TIMEOUT_FILE)?.parse().ok()?,
     })
 }
 
@@ -277,10 +438,10 @@ mod tests {
         let dirs = MandelboxDirs::new(root.path(), MandelboxId::random());
         dirs.create("1700000000000").await.unwrap();
         let dir = dirs.mappings();
-        write_params(&dir, &params()).await.unwrap();
+        write_params(&dirs, &params()).await.unwrap();
         assert!(!dir.join(PARAMS_READY).exists());
-        mark_params_ready(&dir).await.unwrap();
-        assert_eq!(read_params(&dir).await, Some(params()));
+        mark_params_ready(&dirs).await.unwrap();
+        assert_eq!(read_params(&dirs).await, Some(params()));
         let mode = std::fs::metadata(dir.join(TTY_FILE))
             .unwrap()
             .permissions()
@@ -300,7 +461,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dirs = MandelboxDirs::new(root.path(), MandelboxId::random());
         dirs.create("1").await.unwrap();
-        write_config(&dirs.mappings(), "{}").await.unwrap();
+        write_config(&dirs, "{}").await.unwrap();
         dirs.remove().await.unwrap();
         dirs.remove().await.unwrap();
         assert!(!dirs.base().exists());
@@ -311,9 +472,155 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn wait_for_file_times_out() {
         let root = tempfile::tempdir().unwrap();
-        let error = wait_for_file(root.path(), READY_MARKER, Duration::from_secs(2))
+        let dirs = MandelboxDirs::new(root.path(), MandelboxId::random());
+        dirs.create("1").await.unwrap();
+        let error = wait_for_file(&dirs, READY_MARKER, Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(matches!(error, MappingError::Timeout { .. }));
+    }
+
+    /// A mandelbox's directory with a victim file outside it, as root in the container would
+    /// aim at.
+    struct Planted {
+        _root: tempfile::TempDir,
+        dirs: MandelboxDirs,
+        outside: PathBuf,
+    }
+
+    const UNTOUCHED: &str = "untouched";
+
+    async fn planted() -> Planted {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = MandelboxDirs::new(root.path(), MandelboxId::random());
+        dirs.create("1").await.unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("victim"), UNTOUCHED).unwrap();
+        Planted {
+            _root: root,
+            dirs,
+            outside,
+        }
+    }
+
+    fn outside_untouched(p: &Planted) {
+        let names: Vec<_> = std::fs::read_dir(&p.outside)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["victim"], "nothing new appears outside");
+        assert_eq!(
+            std::fs::read_to_string(p.outside.join("victim")).unwrap(),
+            UNTOUCHED
+        );
+    }
+
+    #[tokio::test]
+    async fn a_link_planted_at_the_old_temporary_name_is_never_written_through() {
+        let p = planted().await;
+        let dir = p.dirs.mappings();
+        for name in [".config.json.tmp", ".tty.tmp", ".paramsReady.tmp"] {
+            std::os::unix::fs::symlink(p.outside.join("victim"), dir.join(name)).unwrap();
+        }
+        write_params(&p.dirs, &params()).await.unwrap();
+        mark_params_ready(&p.dirs).await.unwrap();
+        write_config(&p.dirs, r#"{"x":1}"#).await.unwrap();
+        outside_untouched(&p);
+        assert_eq!(read_params(&p.dirs).await, Some(params()));
+    }
+
+    #[tokio::test]
+    async fn a_link_planted_at_the_final_name_is_replaced_not_followed() {
+        let p = planted().await;
+        let dir = p.dirs.mappings();
+        std::os::unix::fs::symlink(p.outside.join("victim"), dir.join(CONFIG_JSON)).unwrap();
+        std::os::unix::fs::symlink(p.outside.join("new"), dir.join(CONFIG_READY)).unwrap();
+        write_config(&p.dirs, r#"{"x":1}"#).await.unwrap();
+        outside_untouched(&p);
+        let meta = std::fs::symlink_metadata(dir.join(CONFIG_JSON)).unwrap();
+        assert!(
+            meta.file_type().is_file(),
+            "the link was replaced by the file"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(CONFIG_JSON)).unwrap(),
+            r#"{"x":1}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_parent_directory_replaced_by_a_link_is_refused() {
+        let p = planted().await;
+        let dir = p.dirs.mappings();
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(&p.outside, &dir).unwrap();
+        let error = write_config(&p.dirs, "{}").await.unwrap_err();
+        assert!(matches!(error, MappingError::Io { .. }), "{error}");
+        outside_untouched(&p);
+        // Higher up too: the mandelbox's own directory as a link.
+        std::fs::remove_file(&dir).unwrap();
+        let base = p.dirs.base();
+        std::fs::remove_dir_all(&base).unwrap();
+        std::fs::create_dir(p.outside.join("mandelboxResourceMappings")).unwrap();
+        std::os::unix::fs::symlink(&p.outside, &base).unwrap();
+        assert!(mark_params_ready(&p.dirs).await.is_err());
+        assert!(
+            wait_for_file(&p.dirs, READY_MARKER, Duration::ZERO)
+                .await
+                .is_err()
+        );
+        assert!(
+            std::fs::read_dir(p.outside.join("mandelboxResourceMappings"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "nothing written through the linked parent"
+        );
+    }
+
+    #[tokio::test]
+    async fn names_with_a_path_are_refused() {
+        let p = planted().await;
+        for name in ["../outside/victim", "a/b", "..", ".", ""] {
+            assert!(
+                matches!(
+                    write_mapping(&p.dirs, name, b"x").await,
+                    Err(MappingError::BadName { .. })
+                ),
+                "{name:?}"
+            );
+        }
+        outside_untouched(&p);
+    }
+
+    #[tokio::test]
+    async fn parameters_behind_links_or_in_fifos_are_not_read() {
+        let p = planted().await;
+        write_params(&p.dirs, &params()).await.unwrap();
+        let tty = p.dirs.mappings().join(TTY_FILE);
+        std::fs::remove_file(&tty).unwrap();
+        std::fs::write(p.outside.join("tty"), "12").unwrap();
+        std::os::unix::fs::symlink(p.outside.join("tty"), &tty).unwrap();
+        assert_eq!(read_params(&p.dirs).await, None, "a link is not followed");
+        std::fs::remove_file(&tty).unwrap();
+        nix::unistd::mkfifo(&tty, Mode::from_bits_truncate(0o644)).unwrap();
+        // A FIFO with no writer would block a plain open for ever.
+        let read = tokio::time::timeout(Duration::from_secs(10), read_params(&p.dirs)).await;
+        assert_eq!(read.unwrap(), None, "a FIFO is not read");
+    }
+
+    #[tokio::test]
+    async fn removal_does_not_follow_links_out_of_the_directory() {
+        let p = planted().await;
+        let dir = p.dirs.mappings();
+        std::os::unix::fs::symlink(&p.outside, dir.join("dir-link")).unwrap();
+        std::os::unix::fs::symlink(p.outside.join("victim"), dir.join("file-link")).unwrap();
+        std::os::unix::fs::symlink(&p.outside, p.dirs.sockets().join("sockets-link")).unwrap();
+        p.dirs.remove().await.unwrap();
+        assert!(!p.dirs.base().exists());
+        assert!(!p.dirs.temp().exists());
+        outside_untouched(&p);
     }
 }

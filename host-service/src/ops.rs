@@ -1,6 +1,15 @@
 //! Operations endpoint: Prometheus `/metrics`, `/healthz` (the process answers) and `/readyz`
 //! (registered, subscribed, following Docker events and not draining).
+//!
+//! **Loopback and named networks only, whatever address it binds.** A mandelbox reaches the
+//! host's addresses through its bridge gateway (`172.17.0.1`) from its own address, so a bind to
+//! `0.0.0.0` would serve it the host's metrics. Every accepted connection whose peer is neither
+//! a loopback address nor inside a network of `--ops-allow` is closed before a byte is read: the
+//! check is on the peer address the kernel reports, so it holds for every interface, bridge and
+//! published port, without a firewall rule to keep in step. Allow no network that holds
+//! containers (Docker's address pools, `172.17.0.0/16` and up).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -126,9 +135,94 @@ struct OpsState {
     readiness: Arc<Readiness>,
 }
 
-/// Serves the operations endpoint until `shutdown`.
+/// A network whose addresses may reach the operations endpoint, `ADDRESS/PREFIX` (a bare
+/// address is a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllowedNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a network (ADDRESS/PREFIX, e.g. 10.0.0.0/16)")]
+pub struct InvalidNet(String);
+
+impl std::str::FromStr for AllowedNet {
+    type Err = InvalidNet;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidNet(s.to_owned());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| invalid())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().map_err(|_| invalid())?,
+            None => max,
+        };
+        if prefix > max {
+            return Err(invalid());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl AllowedNet {
+    fn contains(&self, ip: IpAddr) -> bool {
+        let bits = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32u32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        };
+        let ((net, width), (ip, ip_width)) = (bits(self.addr), bits(ip));
+        if width != ip_width {
+            return false;
+        }
+        let shift = width - u32::from(self.prefix);
+        shift >= width || (net >> shift) == (ip >> shift)
+    }
+}
+
+/// Whether a connection from `peer` may reach the operations endpoint.
+pub fn peer_allowed(peer: IpAddr, allowed: &[AllowedNet]) -> bool {
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        v4 => v4,
+    };
+    peer.is_loopback() || allowed.iter().any(|net| net.contains(peer))
+}
+
+/// A listener that closes every connection from a peer [`peer_allowed`] refuses.
+struct PeerFiltered {
+    inner: tokio::net::TcpListener,
+    allowed: Vec<AllowedNet>,
+}
+
+impl axum::serve::Listener for PeerFiltered {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, peer) = axum::serve::Listener::accept(&mut self.inner).await;
+            if peer_allowed(peer.ip(), &self.allowed) {
+                return (stream, peer);
+            }
+            tracing::debug!(%peer, "operations endpoint: connection refused");
+            drop(stream);
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Serves the operations endpoint until `shutdown`, to loopback peers and those in `allowed`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    allowed: Vec<AllowedNet>,
     metrics: Metrics,
     readiness: Arc<Readiness>,
     shutdown: CancellationToken,
@@ -138,6 +232,10 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(OpsState { metrics, readiness });
+    let listener = PeerFiltered {
+        inner: listener,
+        allowed,
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -178,4 +276,89 @@ async fn readyz(axum::extract::State(state): axum::extract::State<OpsState>) -> 
         status,
         axum::Json(serde_json::json!({ "ready": not_ready.is_empty(), "reasons": not_ready })),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<AllowedNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn only_loopback_reaches_the_endpoint_unless_a_network_is_allowed() {
+        let none = nets(&[]);
+        for ip in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"] {
+            assert!(peer_allowed(ip.parse().unwrap(), &none), "{ip}");
+        }
+        for ip in [
+            "172.17.0.2",
+            "172.18.0.5",
+            "10.0.1.5",
+            "192.168.1.1",
+            "::ffff:172.17.0.2",
+            "fe80::1",
+        ] {
+            assert!(!peer_allowed(ip.parse().unwrap(), &none), "{ip}");
+        }
+        let vpc = nets(&["10.0.0.0/16", "fd00::/8", "192.168.7.7"]);
+        assert!(peer_allowed("10.0.255.1".parse().unwrap(), &vpc));
+        assert!(!peer_allowed("10.1.0.1".parse().unwrap(), &vpc));
+        assert!(peer_allowed("fd12::1".parse().unwrap(), &vpc));
+        assert!(peer_allowed("192.168.7.7".parse().unwrap(), &vpc));
+        assert!(!peer_allowed("192.168.7.8".parse().unwrap(), &vpc));
+        assert!(!peer_allowed("172.17.0.2".parse().unwrap(), &vpc));
+        assert!(peer_allowed(
+            "1.2.3.4".parse().unwrap(),
+            &nets(&["0.0.0.0/0"])
+        ));
+    }
+
+    #[test]
+    fn allowed_networks_are_parsed_strictly() {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/-1",
+        ] {
+            assert!(bad.parse::<AllowedNet>().is_err(), "{bad:?}");
+        }
+    }
+
+    /// Refusal of a non-loopback peer on the real listener is shown by tests/confinement.rs
+    /// (a container, and the host through the Docker bridge's address).
+    #[tokio::test]
+    async fn loopback_is_served_on_a_wildcard_bind() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            Vec::new(),
+            Metrics::new().unwrap(),
+            Arc::new(Readiness::default()),
+            shutdown.clone(),
+        ));
+        let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        client
+            .write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap();
+        assert!(
+            reply.starts_with(b"HTTP/1.0 200"),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+    }
 }

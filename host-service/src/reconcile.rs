@@ -184,7 +184,7 @@ async fn adoptable<R: ContainerRuntime + Clone + 'static>(
     };
     // Its files must still be there for the mandelbox to be whole.
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
-    crate::mappings::read_params(&dirs.mappings()).await?;
+    crate::mappings::read_params(&dirs).await?;
     Some(Allocation {
         ports: container.ports.clone(),
         tty,

@@ -16,6 +16,21 @@
 //! Every file it cannot read or parse makes it exit 2 with a message on stderr, so a host-service
 //! test sees a `die` with that code. Environment: `WHIST_MAPPINGS_DIR` overrides the directory,
 //! `WHIST_STUB_POLL_MS` the file polling period (default 20 ms).
+//!
+//! For the confinement tests (each off unless asked for, so the contract above is unchanged):
+//! - the greeting carries a `probe` object: whether this container may create a user namespace
+//!   (`unshare`, `clone` and `clone3` with `CLONE_NEWUSER`, tried in a child process: `ok` or the
+//!   errno's name), its cgroup paths (`/` everywhere in a private cgroup namespace) and whether
+//!   its root file system is writable;
+//! - `WHIST_STUB_PLANT_LINKS=DIR`: before waiting for `.paramsReady`, plants symbolic links to
+//!   `DIR/<name>` under the names the host writes after the start (old-style temporary names and
+//!   final names), as hostile code running as root in a mandelbox would, then writes
+//!   `stub_links_planted`;
+//! - `WHIST_STUB_PROBE_CONNECT=HOST:PORT`: the probe also says what an HTTP request to that
+//!   address got (`reply`, `closed`, `refused`, `timeout` or an error): the ops endpoint must not
+//!   answer a container.
+//!
+//! `mandelbox-stub probe-userns` prints the user-namespace probe alone and exits.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -36,6 +51,8 @@ struct Params {
     session_id: String,
     timeout_seconds: i64,
     config: String,
+    /// A JSON object: what this container may do (see the crate's documentation).
+    probe: String,
 }
 
 enum Exit {
@@ -43,6 +60,10 @@ enum Exit {
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("probe-userns") {
+        println!("{}", userns_probe());
+        return;
+    }
     let dir = PathBuf::from(
         std::env::var("WHIST_MAPPINGS_DIR").unwrap_or_else(|_| "/whist/resourceMappings".into()),
     );
@@ -67,6 +88,9 @@ fn run(dir: &Path, poll: Duration) -> Result<Exit, String> {
         "mandelbox-stub: waiting for .paramsReady in {}",
         dir.display()
     );
+    if let Ok(target) = std::env::var("WHIST_STUB_PLANT_LINKS") {
+        plant_links(dir, Path::new(&target))?;
+    }
     wait_for(&dir.join(".paramsReady"), poll);
     let read = |name: &str| -> Result<String, String> {
         std::fs::read_to_string(dir.join(name))
@@ -100,6 +124,7 @@ fn run(dir: &Path, poll: Duration) -> Result<Exit, String> {
         session_id,
         timeout_seconds,
         config,
+        probe: probe(),
     });
 
     let (events, exits) = mpsc::channel::<Exit>();
@@ -197,12 +222,13 @@ fn echo_udp(socket: &UdpSocket) {
 
 fn describe(p: &Params, port: u16) -> String {
     format!(
-        "{{\"mandelbox\":\"stub\",\"port\":{port},\"host_port_32262\":{},\"tty\":{},\"gpu_index\":{},\"session_id\":\"{}\",\"config\":{}}}\n",
+        "{{\"mandelbox\":\"stub\",\"port\":{port},\"host_port_32262\":{},\"tty\":{},\"gpu_index\":{},\"session_id\":\"{}\",\"config\":{},\"probe\":{}}}\n",
         p.host_port_32262,
         p.tty,
         json_string_or_number(&p.gpu_index),
         p.session_id.replace(['"', '\\'], ""),
         p.config.replace('\n', " "),
+        p.probe,
     )
 }
 
@@ -225,5 +251,161 @@ fn looks_like_json_object(s: &str) -> bool {
 fn wait_for(path: &Path, poll: Duration) {
     while !path.exists() {
         std::thread::sleep(poll);
+    }
+}
+
+/// Names the host writes after the container has started, in old-style temporary form and final
+/// form.
+const PLANTED_NAMES: [&str; 5] = [
+    ".config.json.tmp",
+    ".configReady.tmp",
+    ".paramsReady.tmp",
+    "config.json",
+    ".configReady",
+];
+
+fn plant_links(dir: &Path, target: &Path) -> Result<(), String> {
+    for name in PLANTED_NAMES {
+        std::os::unix::fs::symlink(target.join(name), dir.join(name))
+            .map_err(|e| format!("cannot plant a link at {name}: {e}"))?;
+    }
+    std::fs::write(dir.join("stub_links_planted"), "planted")
+        .map_err(|e| format!("cannot write stub_links_planted: {e}"))?;
+    eprintln!("mandelbox-stub: links planted towards {}", target.display());
+    Ok(())
+}
+
+/// What this container may do, as a JSON object.
+fn probe() -> String {
+    let userns = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            std::process::Command::new(exe)
+                .arg("probe-userns")
+                .output()
+                .ok()
+        })
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| looks_like_json_object(s))
+        .unwrap_or_else(|| "null".to_owned());
+    let cgroups: Vec<String> = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .map(|path| format!("\"{}\"", path.replace(['"', '\\'], "")))
+        .collect();
+    let rootfs_writable = match std::fs::File::create("/.stub-rootfs-probe") {
+        Ok(_) => {
+            let _ = std::fs::remove_file("/.stub-rootfs-probe");
+            true
+        }
+        Err(_) => false,
+    };
+    let connect = std::env::var("WHIST_STUB_PROBE_CONNECT").map_or_else(
+        |_| "null".to_owned(),
+        |addr| format!("\"{}\"", connect_probe(&addr)),
+    );
+    format!(
+        "{{\"userns\":{userns},\"cgroups\":[{}],\"rootfs_writable\":{rootfs_writable},\"connect\":{connect}}}",
+        cgroups.join(",")
+    )
+}
+
+/// What an HTTP request to `addr` got.
+fn connect_probe(addr: &str) -> String {
+    use std::io::Read as _;
+    use std::net::ToSocketAddrs as _;
+    let Some(addr) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return "bad address".to_owned();
+    };
+    let timeout = Duration::from_secs(3);
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return "refused".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return "timeout".into(),
+        Err(e) => return format!("error {}", e.kind()),
+    };
+    let _ = stream.set_read_timeout(Some(timeout));
+    if stream
+        .write_all(b"GET /healthz HTTP/1.0\r\nHost: ops\r\n\r\n")
+        .is_err()
+    {
+        return "closed".into();
+    }
+    let mut reply = Vec::new();
+    match stream.read_to_end(&mut reply) {
+        _ if reply.starts_with(b"HTTP/") => "reply".into(),
+        Ok(_) => "closed".into(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            "timeout".into()
+        }
+        Err(_) => "closed".into(),
+    }
+}
+
+const CLONE_NEWUSER: i64 = 0x1000_0000;
+const SIGCHLD: i64 = 17;
+const SYS_CLONE: i64 = 56;
+const SYS_CLONE3: i64 = 435;
+const SYS_EXIT_GROUP: i64 = 231;
+
+// SAFETY: glibc's declarations of these three functions (x86_64: `int`, `long`, `pid_t`).
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    fn unshare(flags: i32) -> i32;
+    fn syscall(number: i64, ...) -> i64;
+    fn waitpid(pid: i32, status: *mut i32, options: i32) -> i32;
+}
+
+/// Tries to create a user namespace three ways. Run it in a process of its own (the
+/// `probe-userns` sub-command): a successful `unshare` moves the caller into the new namespace,
+/// and `unshare(CLONE_NEWUSER)` fails in a process with threads anyway.
+#[allow(unsafe_code)]
+fn userns_probe() -> String {
+    let outcome = |result: i64| {
+        if result >= 0 {
+            "ok".to_owned()
+        } else {
+            errno_name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        }
+    };
+    // SAFETY: unshare takes a flag word and touches no memory of ours; the process is
+    // single-threaded (a fresh sub-command) and exits right after the probe.
+    let unshared = outcome(i64::from(unsafe { unshare(CLONE_NEWUSER as i32) }));
+    // SAFETY: a fork-like clone (no new stack, no shared memory, SIGCHLD on exit): the child has
+    // a copy of everything and leaves at once through exit_group, running no Rust code.
+    let pid = unsafe { syscall(SYS_CLONE, CLONE_NEWUSER | SIGCHLD, 0i64, 0i64, 0i64, 0i64) };
+    if pid == 0 {
+        // SAFETY: see above; exit_group never returns.
+        unsafe { syscall(SYS_EXIT_GROUP, 0i64) };
+    }
+    let cloned = outcome(pid);
+    if pid > 0 {
+        let mut status = 0;
+        // SAFETY: status is a valid, writable i32 for the call's duration.
+        unsafe { waitpid(pid as i32, &raw mut status, 0) };
+    }
+    // A null pointer with size 0: the kernel refuses it with EINVAL before looking at memory,
+    // unless seccomp answers first (ENOSYS, so glibc falls back to clone).
+    // SAFETY: the kernel reads nothing through a null pointer of size 0.
+    let clone3 = outcome(unsafe { syscall(SYS_CLONE3, 0i64, 0i64) });
+    format!("{{\"unshare\":\"{unshared}\",\"clone\":\"{cloned}\",\"clone3\":\"{clone3}\"}}")
+}
+
+fn errno_name(errno: i32) -> String {
+    match errno {
+        1 => "EPERM".into(),
+        12 => "ENOMEM".into(),
+        13 => "EACCES".into(),
+        22 => "EINVAL".into(),
+        28 => "ENOSPC".into(),
+        38 => "ENOSYS".into(),
+        n => format!("errno {n}"),
     }
 }

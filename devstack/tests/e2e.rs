@@ -186,6 +186,11 @@ async fn a_session_from_scale_up_to_scale_down() {
     options.max_instances_per_region = 3;
     options.scheduler_interval_secs = 2;
     options.host_stop_grace = Duration::from_secs(20);
+    // This walk-through ends with the `default` algorithm's immediate scale-down; the service's
+    // own default (`holdover`) would hold the surplus host for its hold-down time.
+    options
+        .scaling_env
+        .push(("WHIST_SCALING_ALGORITHM".to_owned(), "default".to_owned()));
     let system = System::up(options).await.unwrap();
     let sql = devstack::postgres::connect(system.stack().database_url())
         .await

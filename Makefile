@@ -156,6 +156,12 @@ run_scaling_service_localdevwithdb:
 
 run_scaling_service: run_scaling_service_localdevwithdb
 
-# The default algorithm against the sample demand trace: plot.svg and summary.txt in .simulation/.
+# The service's default algorithm (holdover) on the weekday trace, in simulated time:
+# summary.json, timeline.csv and plot.svg in .simulation/.
 run_scaling_service_simulation:
-	$(CARGO) run -q -p scaling-service --bin whist-scaling-service -- simulate --trace scaling-service/simulation/demand.csv --out .simulation
+	$(CARGO) run -q -p scaling-service --bin whist-scaling-service -- simulate --trace scaling-service/simulation/traces/weekday.csv --out .simulation
+
+# Every algorithm on every trace of the corpus; writes the table into docs/scaling-service.md
+# and the frontier plots into docs/simulation/.
+compare:
+	$(CARGO) run -q -p scaling-service --bin whist-scaling-service -- compare --traces scaling-service/simulation/traces --out .simulation/compare --write-docs docs/scaling-service.md

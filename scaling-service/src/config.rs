@@ -56,7 +56,7 @@ pub struct Args {
     )]
     pub algorithm: Vec<String>,
     /// `holdover`: seconds capacity must have been surplus before it is drained (default:
-    /// twice a typical GPU host boot).
+    /// 1200, five typical GPU host boots).
     #[arg(long, env = "WHIST_HOLD_DOWN_SECS")]
     pub hold_down_secs: Option<u64>,
     /// `holdover`: seconds after becoming ACTIVE during which a host is never drained

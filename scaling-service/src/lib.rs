@@ -4,8 +4,8 @@
 //! into events, routed over bounded channels to one [`region::RegionController`] per region.
 //! Each owns its region's [`algorithm::ScalingAlgorithm`] and handles its events one at a time:
 //! it reads the region from the database, asks the algorithm for a plan, and carries it out
-//! through a [`hosts::HostHandler`] and `dbclient`. `simulate` (see [`simulation`]) runs the
-//! default algorithm offline against a demand trace.
+//! through a [`hosts::HostHandler`] and `dbclient`. `simulate` and `compare` (see
+//! [`simulation`]) run the algorithms offline against session traces in simulated time.
 //!
 //! Reads: `APP_ENV`, `HASURA_GRAPHQL_URL`, `HASURA_ADMIN_SECRET`, `WHIST_REGIONS`, the cloud
 //! (`WHIST_CLOUD`, `AWS_ENDPOINT_URL`, `WHIST_HOST_*`, `WHIST_HOST_JSON_TRANSPORT_*` for the

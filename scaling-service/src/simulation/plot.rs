@@ -4,6 +4,9 @@ use plotters::prelude::*;
 
 use super::fleet::Sample;
 
+/// A line of a plot: its label, colour and value per sample.
+type Series = (&'static str, RGBColor, fn(&Sample) -> f64);
+
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
@@ -41,7 +44,7 @@ pub fn render_timeline(title: &str, timeline: &[Sample]) -> Result<String, Strin
             .y_desc("clients / mandelbox slots")
             .draw()
             .map_err(err)?;
-        let series: [(&str, RGBColor, fn(&Sample) -> f64); 3] = [
+        let series: [Series; 3] = [
             ("demand (in session + waiting)", BLUE, |s| {
                 f64::from(s.demand)
             }),
@@ -86,7 +89,7 @@ pub fn render_timeline(title: &str, timeline: &[Sample]) -> Result<String, Strin
             .y_desc("hosts")
             .draw()
             .map_err(err)?;
-        let series: [(&str, RGBColor, fn(&Sample) -> f64); 3] = [
+        let series: [Series; 3] = [
             (
                 "booting (launching or PRE_CONNECTION)",
                 RGBColor(230, 150, 0),

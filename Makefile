@@ -29,7 +29,7 @@ SUDO_ENV := $(if $(SUDO),$(SUDO) --preserve-env)
 .PHONY: help setup setup-system setup-python setup-image build run run-stack chaos test check check-artifacts fmt clippy bench schema \
         run_host_service run_host_service_localdev run_host_service_localdevwithdb run_host_service_dev \
         run_scaling_service run_scaling_service_localdev run_scaling_service_localdevwithdb run_scaling_service_dev \
-        run_scaling_service_simulation
+        run_scaling_service_simulation compare
 
 help:
 	@echo "make run     run the whole system: the stack, the scaling service, a host service per launched instance; Ctrl-C stops it"
@@ -38,6 +38,7 @@ help:
 	@echo "make test    run the whole test suite (installs what it needs)"
 	@echo "make check   cargo fmt --check + clippy -D warnings + make test"
 	@echo "make bench   print the benchmarks' figures"
+	@echo "make compare every scaling algorithm on every trace of the corpus; rewrites the table in docs/scaling-service.md"
 	@echo "make schema  regenerate schema.graphql from the migrations"
 	@echo "make run_host_service_localdevwithdb   a host service against the stack (make run-stack first; as root, through sudo)"
 	@echo "make run_host_service[_localdev]       the same without the database: a json_transport request starts its mandelbox"
@@ -199,6 +200,12 @@ run_scaling_service_dev:
 	@$(NEED_HASURA)
 	APP_ENV=dev WHIST_LOG_FORMAT=pretty $(CARGO) run -p scaling-service --bin whist-scaling-service
 
-# The default algorithm against the sample demand trace: plot.svg and summary.txt in .simulation/.
+# The service's default algorithm (holdover) on the weekday trace, in simulated time:
+# summary.json, timeline.csv and plot.svg in .simulation/.
 run_scaling_service_simulation:
-	$(CARGO) run -q -p scaling-service --bin whist-scaling-service -- simulate --trace scaling-service/simulation/demand.csv --out .simulation
+	$(CARGO) run -q -p scaling-service --bin whist-scaling-service -- simulate --trace scaling-service/simulation/traces/weekday.csv --out .simulation
+
+# Every algorithm on every trace of the corpus; writes the table into docs/scaling-service.md
+# and the frontier plots into docs/simulation/.
+compare:
+	$(CARGO) run -q -p scaling-service --bin whist-scaling-service -- compare --traces scaling-service/simulation/traces --out .simulation/compare --write-docs docs/scaling-service.md

@@ -186,6 +186,11 @@ async fn a_session_from_scale_up_to_scale_down() {
     options.max_instances_per_region = 3;
     options.scheduler_interval_secs = 2;
     options.host_stop_grace = Duration::from_secs(20);
+    // This walk-through ends with the `default` algorithm's immediate scale-down; the service's
+    // own default (`holdover`) would hold the surplus host for its hold-down time.
+    options
+        .scaling_env
+        .push(("WHIST_SCALING_ALGORITHM".to_owned(), "default".to_owned()));
     let system = System::up(options).await.unwrap();
     let sql = devstack::postgres::connect(system.stack().database_url())
         .await
@@ -341,4 +346,123 @@ async fn a_session_from_scale_up_to_scale_down() {
     system.down().await.unwrap();
     // Everything stopped with the system: no container of any of its hosts is left.
     assert!(containers_of(&first.id).is_empty() && containers_of(&second.id).is_empty());
+}
+
+/// The whole system as `make run` sets it up (a buffer of 2, 2 mandelboxes a host), with the
+/// scaling service's own default algorithm.
+async fn make_run_system(state: &std::path::Path) -> System {
+    let mut options = SystemOptions::new(StackOptions {
+        state_dir: state.to_owned(),
+        moto_bin: Some(moto_bin()),
+        graphql_port: 0,
+        control_port: 0,
+        admin_secret: None,
+        default_identity: Identity::local("i-0e2e000000000000", REGION),
+        default_instance_row: None,
+    });
+    options.regions = vec![REGION.to_owned()];
+    options.desired_free_mandelboxes = 2;
+    options.scheduler_interval_secs = 2;
+    System::up(options).await.unwrap()
+}
+
+fn session_client(system: &System) -> Client {
+    Client::new(ClientOptions {
+        scaling_url: system.scaling_url().to_owned(),
+        control_url: Some(system.stack().control_url()),
+        regions: vec![REGION.to_owned()],
+        ..ClientOptions::default()
+    })
+    .unwrap()
+}
+
+fn one_second_session(user: String) -> SessionOptions {
+    let mut session = SessionOptions::new(user);
+    session.hold = Some(Duration::from_secs(1));
+    session.wait_for_capacity = Some(STEP_DEADLINE);
+    session
+}
+
+/// Issue #13's thrash: 20 one-second sessions one after another used to launch (and drain) a
+/// host per session. The hold-down keeps the fleet: at most the first host and the buffer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_short_sessions_launch_at_most_two_hosts() {
+    let state = tempfile::tempdir().unwrap();
+    let system = make_run_system(state.path()).await;
+    let sql = devstack::postgres::connect(system.stack().database_url())
+        .await
+        .unwrap();
+    let ec2 = devstack::moto::ec2_client(&system.stack().moto_endpoint().unwrap(), REGION);
+    let client = session_client(&system);
+    for n in 0..20 {
+        let report = client
+            .run_session(&one_second_session(format!("e2e-seq-{n}")))
+            .await
+            .unwrap_or_else(|f| panic!("session {n}: {f:?}"));
+        assert!(!report.first_line.is_empty());
+        wait_for(
+            &system,
+            "the session's mandelbox to be torn down",
+            || async { mandelbox_rows(&sql).await.is_empty().then_some(()) },
+        )
+        .await;
+    }
+    let launched = moto_instances(&ec2).await;
+    assert!(launched.len() <= 2, "launched {launched:?}");
+    let rows = instance_rows(&sql).await;
+    assert!(
+        rows.iter().all(|r| r.status != "DRAINING"),
+        "nothing drained: {rows:?}"
+    );
+    system.down().await.unwrap();
+}
+
+/// Issue #13's refused demand: with 16 sessions at once, hosts used to be drained seconds after
+/// they came up while clients were being refused. Refused clients count as demand now, and no
+/// host is drained while any of them is still being served or waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_host_is_drained_while_a_burst_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let system = make_run_system(state.path()).await;
+    let sql = devstack::postgres::connect(system.stack().database_url())
+        .await
+        .unwrap();
+    let client = std::sync::Arc::new(session_client(&system));
+    let sessions: Vec<_> = (0..16)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .run_session(&one_second_session(format!("e2e-burst-{n}")))
+                    .await
+            })
+        })
+        .collect();
+    let all_done = futures::future::join_all(sessions);
+    tokio::pin!(all_done);
+    let mut drained_during_burst = Vec::new();
+    let results = loop {
+        tokio::select! {
+            results = &mut all_done => break results,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {
+                for row in instance_rows(&sql).await {
+                    if row.status == "DRAINING" {
+                        drained_during_burst.push(row.id);
+                    }
+                }
+            }
+        }
+    };
+    let mut refused = 0;
+    for (n, result) in results.into_iter().enumerate() {
+        let report = result
+            .unwrap()
+            .unwrap_or_else(|f| panic!("session {n}: {f:?}"));
+        refused += report.assign_attempts.saturating_sub(1);
+    }
+    assert!(
+        drained_during_burst.is_empty(),
+        "drained while the burst ran ({refused} refusals): {drained_during_burst:?}"
+    );
+    system.down().await.unwrap();
 }

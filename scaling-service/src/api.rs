@@ -105,6 +105,8 @@ impl Assigner {
         if active >= self.mandelboxes_per_user {
             return Err(AssignError::UserAlreadyActive);
         }
+        // Who asked, as the controllers' refusal logs know a client.
+        let client = || format!("{user}/{}", request.session_id.as_deref().unwrap_or(""));
         let mut mismatch = false;
         for (rank, region) in regions.iter().enumerate() {
             let Some(image) = self
@@ -155,7 +157,7 @@ impl Assigner {
                     if rank > 0 {
                         tracing::warn!(%region, "assigned outside the closest region");
                     }
-                    self.recheck(region);
+                    self.tell(region, Event::Assigned { client: client() });
                     return Ok((
                         region.clone(),
                         Assignment {
@@ -167,8 +169,14 @@ impl Assigner {
                 }
             }
         }
-        for region in &regions {
-            self.recheck(region);
+        for (rank, region) in regions.iter().enumerate() {
+            // A refused client is demand for its closest region: that is where it should be
+            // served, and where the controller counts it as waiting.
+            if rank == 0 && !mismatch {
+                self.tell(region, Event::Refused { client: client() });
+            } else {
+                self.tell(region, Event::CapacityTaken);
+            }
         }
         if mismatch {
             Err(AssignError::CommitHashMismatch)
@@ -177,9 +185,9 @@ impl Assigner {
         }
     }
 
-    fn recheck(&self, region: &Region) {
+    fn tell(&self, region: &Region, event: Event) {
         if let Some(tx) = self.regions.get(region) {
-            let _ = tx.try_send(Event::CapacityTaken);
+            let _ = tx.try_send(event);
         }
     }
 }

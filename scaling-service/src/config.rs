@@ -5,6 +5,8 @@ use clap::Parser;
 use dbclient::types::{ImageId, Region};
 use logger::{AppEnv, LogArgs, Secret};
 
+use crate::algorithm::{AlgorithmConfig, AlgorithmKind};
+
 /// The git commit this binary was built from (`WHIST_COMMIT` at build time).
 pub const BUILD_COMMIT: &str = match option_env!("WHIST_COMMIT") {
     Some(c) => c,
@@ -35,9 +37,32 @@ pub struct Args {
         default_value = "us-east-1"
     )]
     pub regions: Vec<String>,
-    /// Free mandelboxes to keep ready in each region.
-    #[arg(long, env = "DESIRED_FREE_MANDELBOXES", default_value_t = 2)]
-    pub desired_free_mandelboxes: u32,
+    /// Free mandelboxes to keep ready: `N` for every region, then `region=N` overrides,
+    /// comma-separated (`2,us-west-1=4`).
+    #[arg(
+        long,
+        env = "DESIRED_FREE_MANDELBOXES",
+        value_delimiter = ',',
+        default_value = "2"
+    )]
+    pub desired_free_mandelboxes: Vec<String>,
+    /// The scaling algorithm: `holdover`, `default` or `original` for every region, then
+    /// `region=NAME` overrides, comma-separated (`holdover,us-west-1=default`).
+    #[arg(
+        long,
+        env = "WHIST_SCALING_ALGORITHM",
+        value_delimiter = ',',
+        default_value = "holdover"
+    )]
+    pub algorithm: Vec<String>,
+    /// `holdover`: seconds capacity must have been surplus before it is drained (default:
+    /// 1200, five typical GPU host boots).
+    #[arg(long, env = "WHIST_HOLD_DOWN_SECS")]
+    pub hold_down_secs: Option<u64>,
+    /// `holdover`: seconds after becoming ACTIVE during which a host is never drained
+    /// (default: a typical boot, at least EC2's 60 s billing minimum).
+    #[arg(long, env = "WHIST_MIN_LIFETIME_SECS")]
+    pub min_lifetime_secs: Option<u64>,
     /// Most instances in one region.
     #[arg(long, env = "WHIST_MAX_INSTANCES_PER_REGION", default_value_t = 20)]
     pub max_instances_per_region: u32,
@@ -152,7 +177,11 @@ pub struct Config {
     pub db: dbclient::DbConfig,
     pub regions: Vec<Region>,
     pub commit: String,
-    pub desired_free_mandelboxes: u32,
+    pub desired_free_mandelboxes: PerRegion<u32>,
+    pub algorithm: PerRegion<AlgorithmKind>,
+    /// `holdover`'s hold-down time and minimum host lifetime.
+    pub hold_down: std::time::Duration,
+    pub min_lifetime: std::time::Duration,
     pub max_instances_per_region: u32,
     pub instance_type: String,
     /// The image each region should run.
@@ -198,6 +227,59 @@ pub enum ConfigError {
     Empty { what: &'static str },
     #[error("{what} must not be 0")]
     Zero { what: &'static str },
+    #[error("invalid {what} entry {entry:?}: {reason}")]
+    PerRegion {
+        what: &'static str,
+        entry: String,
+        reason: String,
+    },
+}
+
+/// A value for every region, with overrides for some.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerRegion<T> {
+    pub default: T,
+    pub overrides: std::collections::BTreeMap<Region, T>,
+}
+
+impl<T: Clone> PerRegion<T> {
+    pub fn new(default: T) -> Self {
+        Self {
+            default,
+            overrides: Default::default(),
+        }
+    }
+
+    pub fn get(&self, region: &Region) -> T {
+        self.overrides.get(region).unwrap_or(&self.default).clone()
+    }
+
+    /// Parses `VALUE` and `region=VALUE` entries (the last bare value is the default; none
+    /// keeps `default`).
+    pub fn parse<E: std::fmt::Display>(
+        what: &'static str,
+        entries: &[String],
+        default: T,
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> Result<Self, ConfigError> {
+        let mut out = Self::new(default);
+        for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let bad = |reason: String| ConfigError::PerRegion {
+                what,
+                entry: entry.to_owned(),
+                reason,
+            };
+            match entry.split_once('=') {
+                Some((region, value)) => {
+                    let region = Region::new(region.trim()).map_err(|e| bad(e.to_string()))?;
+                    let value = parse(value.trim()).map_err(|e| bad(e.to_string()))?;
+                    out.overrides.insert(region, value);
+                }
+                None => out.default = parse(entry).map_err(|e| bad(e.to_string()))?,
+            }
+        }
+        Ok(out)
+    }
 }
 
 impl Args {
@@ -276,6 +358,7 @@ impl Args {
             _ if env.is_local() => AuthConfig::LocalTestTokens,
             _ => return Err(ConfigError::MissingAuth(env)),
         };
+        let defaults = AlgorithmConfig::default();
         Ok(Config {
             cloud,
             json_transport_forward,
@@ -288,7 +371,24 @@ impl Args {
             db,
             regions,
             commit: BUILD_COMMIT.to_owned(),
-            desired_free_mandelboxes: self.desired_free_mandelboxes,
+            desired_free_mandelboxes: PerRegion::parse(
+                "DESIRED_FREE_MANDELBOXES",
+                &self.desired_free_mandelboxes,
+                2,
+                str::parse::<u32>,
+            )?,
+            algorithm: PerRegion::parse(
+                "WHIST_SCALING_ALGORITHM",
+                &self.algorithm,
+                AlgorithmKind::Holdover,
+                str::parse::<AlgorithmKind>,
+            )?,
+            hold_down: self
+                .hold_down_secs
+                .map_or(defaults.hold_down, std::time::Duration::from_secs),
+            min_lifetime: self
+                .min_lifetime_secs
+                .map_or(defaults.min_lifetime, std::time::Duration::from_secs),
             max_instances_per_region: self.max_instances_per_region,
             instance_type: self.instance_type,
             images,
@@ -401,6 +501,36 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn algorithm_and_buffer_are_chosen_per_region_with_holdover_by_default() {
+        let local = [
+            "--app-env",
+            "localdevwithdb",
+            "--graphql-url",
+            "http://h/v1/graphql",
+        ];
+        let c = parse(&local).unwrap();
+        let east = Region::new("us-east-1").unwrap();
+        let west = Region::new("us-west-1").unwrap();
+        assert_eq!(c.algorithm.get(&east), AlgorithmKind::Holdover);
+        assert_eq!(c.desired_free_mandelboxes.get(&east), 2);
+        let mut args = local.to_vec();
+        args.extend([
+            "--algorithm",
+            "default,us-west-1=original",
+            "--desired-free-mandelboxes",
+            "3,us-west-1=5",
+        ]);
+        let c = parse(&args).unwrap();
+        assert_eq!(c.algorithm.get(&east), AlgorithmKind::Default);
+        assert_eq!(c.algorithm.get(&west), AlgorithmKind::Original);
+        assert_eq!(c.desired_free_mandelboxes.get(&east), 3);
+        assert_eq!(c.desired_free_mandelboxes.get(&west), 5);
+        let mut bad = local.to_vec();
+        bad.extend(["--algorithm", "us-east-1=clever"]);
+        assert!(parse(&bad).unwrap_err().contains("clever"));
     }
 
     #[test]

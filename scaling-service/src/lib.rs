@@ -4,8 +4,8 @@
 //! into events, routed over bounded channels to one [`region::RegionController`] per region.
 //! Each owns its region's [`algorithm::ScalingAlgorithm`] and handles its events one at a time:
 //! it reads the region from the database, asks the algorithm for a plan, and carries it out
-//! through a [`hosts::HostHandler`] and `dbclient`. `simulate` (see [`simulation`]) runs the
-//! default algorithm offline against a demand trace.
+//! through a [`hosts::HostHandler`] and `dbclient`. `simulate` and `compare` (see
+//! [`simulation`]) run the algorithms offline against session traces in simulated time.
 //!
 //! Reads: `APP_ENV`, `HASURA_GRAPHQL_URL`, `HASURA_ADMIN_SECRET`, `WHIST_REGIONS`, the cloud
 //! (`WHIST_CLOUD`, `AWS_ENDPOINT_URL`, `WHIST_HOST_*`, `WHIST_HOST_JSON_TRANSPORT_*` for the
@@ -16,6 +16,7 @@ pub mod algorithm;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod controller;
 pub mod forward;
 pub mod hosts;
 pub mod lease;
@@ -34,7 +35,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::algorithm::{AlgorithmConfig, DefaultAlgorithm, mandelbox_capacity};
+use crate::algorithm::{AlgorithmConfig, mandelbox_capacity};
 use crate::api::{ApiState, Assigner, RateLimiter};
 use crate::auth::{JwksVerifier, StaticVerifier, TokenVerifier};
 use crate::config::{AuthConfig, CloudConfig};
@@ -178,19 +179,24 @@ pub async fn run_replica(
         settings.instance_type = config.instance_type.clone();
         settings.capacity_per_instance = capacity;
         settings.target_image = config.images.get(region).cloned();
-        let algorithm = DefaultAlgorithm::new(AlgorithmConfig {
-            desired_free_mandelboxes: config.desired_free_mandelboxes,
+        let desired = config.desired_free_mandelboxes.get(region);
+        let kind = config.algorithm.get(region);
+        let algorithm = kind.build(AlgorithmConfig {
+            desired_free_mandelboxes: desired,
             max_instances: config.max_instances_per_region,
             capacity_per_instance: capacity,
+            hold_down: config.hold_down,
+            min_lifetime: config.min_lifetime,
             ..AlgorithmConfig::default()
         });
-        let controller = RegionController::new(settings, db.clone(), handler, Box::new(algorithm))
+        tracing::info!(%region, algorithm = kind.as_str(), desired_free = desired, "region controller");
+        let controller = RegionController::new(settings, db.clone(), handler, algorithm)
             .with_leader(leader.clone())
             .with_metrics(metrics.clone());
         metrics
             .desired_free_capacity
             .with_label_values(&[region.as_str()])
-            .set(i64::from(config.desired_free_mandelboxes));
+            .set(i64::from(desired));
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         region_events.insert(region.clone(), tx.clone());
         senders.push(tx);

@@ -7,9 +7,11 @@ use scaling_service::config::{Args, BUILD_COMMIT};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    // `simulate` runs offline: none of the service's settings apply to it.
-    if std::env::args_os().nth(1).is_some_and(|a| a == "simulate") {
-        return simulate();
+    // `simulate` and `compare` run offline: none of the service's settings apply to them.
+    match std::env::args_os().nth(1) {
+        Some(a) if a == "simulate" => return simulate(),
+        Some(a) if a == "compare" => return compare(),
+        _ => {}
     }
     let args = Args::parse();
     let log_config = args
@@ -76,20 +78,48 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 fn simulate() -> ExitCode {
     use scaling_service::simulation::{SimulateArgs, run_simulation};
     let args = SimulateArgs::parse_from(std::env::args_os().skip(1));
+    let started = std::time::Instant::now();
     match run_simulation(&args) {
         Ok(summary) => {
             println!(
-                "{} minutes, {:.2} host-hours, {} unmet requests, peak {} hosts; wrote {}",
-                summary.minutes,
-                summary.host_hours,
+                "{}: {} sessions over {:.1} simulated hours: {} unmet, wait p50 {:.1} s / p99 {:.1} s, \
+                 {:.2} host-hours, {} launches, {} terminations ({} early), peak {} hosts; \
+                 {:.2} s elapsed ({} build); wrote {}",
+                summary.algorithm,
+                summary.sessions,
+                summary.simulated_hours,
                 summary.unmet_requests,
+                summary.wait_p50_s,
+                summary.wait_p99_s,
+                summary.host_hours,
+                summary.launches,
+                summary.terminations,
+                summary.early_terminations,
                 summary.peak_hosts,
+                started.elapsed().as_secs_f64(),
+                if cfg!(debug_assertions) {
+                    "debug"
+                } else {
+                    "release"
+                },
                 args.out.display()
             );
             ExitCode::SUCCESS
         }
         Err(error) => {
             eprintln!("whist-scaling-service simulate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn compare() -> ExitCode {
+    use scaling_service::simulation::compare::{CompareArgs, run_compare};
+    let args = CompareArgs::parse_from(std::env::args_os().skip(1));
+    match run_compare(&args) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("whist-scaling-service compare: {error}");
             ExitCode::FAILURE
         }
     }

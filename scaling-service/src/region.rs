@@ -18,19 +18,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use dbclient::DbClient;
 use dbclient::launches::{LaunchRecord, NewLaunchRecord};
-use dbclient::types::{
-    Image, ImageId, InstanceId, InstanceStatus, InstanceWithMandelboxes, MandelboxStatus,
-    NewInstance, Region,
-};
+use dbclient::types::{Image, ImageId, InstanceId, InstanceStatus, NewInstance, Region};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::algorithm::{Action, InstanceView, PendingLaunch, ScalingAlgorithm, Snapshot};
-use crate::hosts::{HostError, HostHandler, HostInstance, HostState, LaunchRequest};
+use crate::algorithm::{PendingLaunch, ScalingAlgorithm, Snapshot, TerminationReason};
+use crate::controller::demand::RefusalLog;
+use crate::controller::snapshot::{ControllerState, SnapshotBuilder, report};
+use crate::controller::{PlanExecutor, execute_plan};
+use crate::hosts::{HostHandler, HostInstance, HostState, LaunchRequest};
 use crate::metrics::Metrics;
 
 /// The provider written into instance and image rows.
@@ -93,6 +93,10 @@ pub enum Event {
     Tick,
     /// An assignment took capacity here.
     CapacityTaken,
+    /// The assign path gave `client` (user and session) a mandelbox here.
+    Assigned { client: String },
+    /// The assign path refused `client` for want of capacity here: demand not met.
+    Refused { client: String },
 }
 
 /// What finished in the background.
@@ -108,26 +112,7 @@ enum Done {
     },
 }
 
-/// Why carrying out an action failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ExecError {
-    #[error("cloud: {0}")]
-    Host(#[from] HostError),
-    #[error("database: {0}")]
-    Db(String),
-    #[error("launch {launch_id}: asked for {wanted} instances, got {got}")]
-    PartialLaunch {
-        launch_id: String,
-        wanted: u32,
-        got: usize,
-    },
-}
-
-impl From<dbclient::DbError> for ExecError {
-    fn from(error: dbclient::DbError) -> Self {
-        Self::Db(error.to_string())
-    }
-}
+pub use crate::controller::ExecError;
 
 #[derive(Debug)]
 struct Shared {
@@ -144,7 +129,8 @@ pub struct RegionController {
     pending: HashMap<String, PendingLaunch>,
     busy: HashSet<InstanceId>,
     abandoned: Vec<ImageId>,
-    draining_seen: HashMap<InstanceId, DateTime<Utc>>,
+    snapshots: SnapshotBuilder,
+    refusals: RefusalLog,
     tasks: TaskTracker,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
@@ -173,7 +159,8 @@ impl RegionController {
             pending: HashMap::new(),
             busy: HashSet::new(),
             abandoned: Vec::new(),
-            draining_seen: HashMap::new(),
+            snapshots: SnapshotBuilder::default(),
+            refusals: RefusalLog::default(),
             tasks: TaskTracker::new(),
             done_tx,
             done_rx,
@@ -231,13 +218,30 @@ impl RegionController {
                     tick = false;
                 }
                 event = events.recv() => match event {
-                    Some(event) => tick = event == Event::Tick,
+                    Some(event) => {
+                        tick = self.note(event);
+                        // Whatever else is queued is seen by the same step.
+                        while let Ok(event) = events.try_recv() {
+                            tick |= self.note(event);
+                        }
+                    }
                     None => break,
                 },
                 () = tokio::time::sleep(wait) => tick = false,
             }
         }
         self.drain_in_flight().await;
+    }
+
+    /// Takes in what an event says beside "look again"; true for the scheduler's tick.
+    pub fn note(&mut self, event: Event) -> bool {
+        match event {
+            Event::Tick => return true,
+            Event::Assigned { client } => self.refusals.served(&client),
+            Event::Refused { client } => self.refusals.refused(&client, Utc::now()),
+            Event::Changed | Event::CapacityTaken => {}
+        }
+        false
     }
 
     /// Waits for in-flight launches and terminations, at most `shutdown_grace`.
@@ -322,128 +326,35 @@ impl RegionController {
             .latest_image(PROVIDER, &settings.region)
             .await?;
         let now = Utc::now();
-        self.draining_seen.retain(|id, _| {
-            rows.iter()
-                .any(|r| &r.instance.id == id && r.instance.status == InstanceStatus::Draining)
-        });
-        let instances: Vec<InstanceView> = rows
-            .iter()
-            .map(|row| {
-                let i = &row.instance;
-                let mut status_since = i.updated_at;
-                if i.status == InstanceStatus::Draining {
-                    let seen = *self.draining_seen.entry(i.id.clone()).or_insert(now);
-                    status_since = status_since.min(seen);
-                }
-                view(row, settings.capacity_per_instance, status_since)
-            })
-            .collect();
-        if let Some(m) = &self.metrics {
-            report(
-                m,
-                &settings.region,
-                &instances,
-                image.as_ref().map(|i| &i.image_id),
-            );
-        }
-        Ok(Snapshot {
-            instances,
-            current_image: image.map(|i| i.image_id),
+        let state = ControllerState {
             target_image: settings.target_image.clone(),
             abandoned_images: self.abandoned.clone(),
             pending_launches: self.pending.values().cloned().collect(),
             busy: self.busy.iter().cloned().collect(),
-        })
+            waiting_clients: self.refusals.waiting(now),
+        };
+        let snapshot = self.snapshots.build(
+            &rows,
+            image.map(|i| i.image_id),
+            settings.capacity_per_instance,
+            state,
+            now,
+        );
+        if let Some(m) = &self.metrics {
+            report(
+                m,
+                &settings.region,
+                &snapshot.instances,
+                snapshot.current_image.as_ref(),
+            );
+        }
+        Ok(snapshot)
     }
 
     async fn try_step(&mut self) -> Result<Duration, ExecError> {
         let snapshot = self.snapshot().await?;
         let plan = self.algorithm.plan(&snapshot, Utc::now()).await;
-        let mut wait = Duration::from_secs(60);
-        for action in plan {
-            match action {
-                Action::RequeueAfter(d) => wait = d,
-                other => self.execute(other).await?,
-            }
-        }
-        Ok(wait)
-    }
-
-    async fn execute(&mut self, action: Action) -> Result<(), ExecError> {
-        let region = self.shared.settings.region.clone();
-        match action {
-            Action::Launch { count, image_id } => {
-                // The launch is recorded in the database before anything is launched: a retry
-                // of the same launch id, in this process or the next after a crash, finds what
-                // it launched instead of launching again. No record, no launch.
-                let settings = &self.shared.settings;
-                let record = self
-                    .shared
-                    .db
-                    .insert_launch_record(&NewLaunchRecord {
-                        launch_id: format!("{}-{}", region, uuid_like()),
-                        region: region.clone(),
-                        image_id,
-                        instance_type: settings.instance_type.clone(),
-                        count,
-                        client_sha: settings.commit.clone(),
-                    })
-                    .await?;
-                tracing::info!(%region, launch.id = %record.launch_id, count, image = %record.image_id, "launching");
-                self.start_launch(record, false);
-            }
-            Action::Drain { instance } => {
-                let drained = self
-                    .shared
-                    .db
-                    .transition_instance_status(
-                        &instance,
-                        InstanceStatus::Active,
-                        InstanceStatus::Draining,
-                    )
-                    .await?;
-                tracing::info!(%region, instance.id = %instance, drained, "drain");
-            }
-            Action::Terminate { instance, reason } => {
-                if let Some(m) = &self.metrics {
-                    m.terminations
-                        .with_label_values(&[region.as_str(), reason.as_str()])
-                        .inc();
-                }
-                tracing::info!(%region, instance.id = %instance, reason = reason.as_str(), "terminating");
-                self.busy.insert(instance.clone());
-                let shared = self.shared.clone();
-                let done = self.done_tx.clone();
-                self.tasks.spawn(async move {
-                    let result = run_termination(&shared, &instance).await;
-                    let _ = done.send(Done::Termination { instance, result }).await;
-                });
-            }
-            Action::DeleteRow { instance } => {
-                self.shared.db.delete_instance(&instance).await?;
-            }
-            Action::SwapImage { image_id } => {
-                tracing::info!(%region, image = %image_id, "image row swapped");
-                self.shared
-                    .db
-                    .upsert_image(&Image {
-                        provider: PROVIDER.to_owned(),
-                        region: region.clone(),
-                        image_id,
-                        client_sha: self.shared.settings.commit.clone(),
-                        updated_at: Utc::now(),
-                    })
-                    .await?;
-            }
-            Action::AbandonUpgrade { image_id } => {
-                tracing::error!(%region, image = %image_id, "image upgrade timed out: rolled back");
-                if !self.abandoned.contains(&image_id) {
-                    self.abandoned.push(image_id);
-                }
-            }
-            Action::RequeueAfter(_) => {}
-        }
-        Ok(())
+        execute_plan(plan, self).await
     }
 
     /// Runs a recorded launch as a tracked task, counted as pending until it reports.
@@ -544,53 +455,91 @@ impl RegionController {
     }
 }
 
-fn view(row: &InstanceWithMandelboxes, capacity: u32, status_since: DateTime<Utc>) -> InstanceView {
-    let i = &row.instance;
-    InstanceView {
-        id: i.id.clone(),
-        image_id: i.image_id.clone(),
-        status: i.status,
-        remaining_capacity: i.remaining_capacity,
-        capacity: capacity.max(i.remaining_capacity),
-        mandelboxes: u32::try_from(
-            row.mandelboxes
-                .iter()
-                .filter(|m| m.status != MandelboxStatus::Waiting)
-                .count(),
-        )
-        .unwrap_or(u32::MAX),
-        created_at: i.created_at,
-        status_since,
+/// The live executor: the database and the cloud.
+#[async_trait::async_trait]
+impl PlanExecutor for RegionController {
+    async fn launch(&mut self, count: u32, image_id: ImageId) -> Result<(), ExecError> {
+        let region = self.shared.settings.region.clone();
+        // The launch is recorded in the database before anything is launched: a retry of the
+        // same launch id, in this process or the next after a crash, finds what it launched
+        // instead of launching again. No record, no launch.
+        let settings = &self.shared.settings;
+        let record = self
+            .shared
+            .db
+            .insert_launch_record(&NewLaunchRecord {
+                launch_id: format!("{}-{}", region, uuid_like()),
+                region: region.clone(),
+                image_id,
+                instance_type: settings.instance_type.clone(),
+                count,
+                client_sha: settings.commit.clone(),
+            })
+            .await?;
+        tracing::info!(%region, launch.id = %record.launch_id, count, image = %record.image_id, "launching");
+        self.start_launch(record, false);
+        Ok(())
     }
-}
 
-/// The region's gauges from a fresh read of its rows.
-fn report(metrics: &Metrics, region: &Region, instances: &[InstanceView], image: Option<&ImageId>) {
-    let r = region.as_str();
-    for status in InstanceStatus::ALL {
-        let count = instances.iter().filter(|i| i.status == *status).count();
-        metrics
-            .instances
-            .with_label_values(&[r, status.as_str()])
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    async fn drain(&mut self, instance: InstanceId) -> Result<(), ExecError> {
+        let drained = self
+            .shared
+            .db
+            .transition_instance_status(&instance, InstanceStatus::Active, InstanceStatus::Draining)
+            .await?;
+        tracing::info!(region = %self.region(), instance.id = %instance, drained, "drain");
+        Ok(())
     }
-    let free: u64 = instances
-        .iter()
-        .filter(|i| i.status == InstanceStatus::Active && Some(&i.image_id) == image)
-        .map(|i| u64::from(i.remaining_capacity))
-        .sum();
-    metrics
-        .free_capacity
-        .with_label_values(&[r])
-        .set(i64::try_from(free).unwrap_or(i64::MAX));
-    let lingering = instances
-        .iter()
-        .filter(|i| i.status == InstanceStatus::Draining && !i.has_users())
-        .count();
-    metrics
-        .lingering_instances
-        .with_label_values(&[r])
-        .set(i64::try_from(lingering).unwrap_or(i64::MAX));
+
+    async fn terminate(
+        &mut self,
+        instance: InstanceId,
+        reason: TerminationReason,
+    ) -> Result<(), ExecError> {
+        let region = self.shared.settings.region.clone();
+        if let Some(m) = &self.metrics {
+            m.terminations
+                .with_label_values(&[region.as_str(), reason.as_str()])
+                .inc();
+        }
+        tracing::info!(%region, instance.id = %instance, reason = reason.as_str(), "terminating");
+        self.busy.insert(instance.clone());
+        let shared = self.shared.clone();
+        let done = self.done_tx.clone();
+        self.tasks.spawn(async move {
+            let result = run_termination(&shared, &instance).await;
+            let _ = done.send(Done::Termination { instance, result }).await;
+        });
+        Ok(())
+    }
+
+    async fn delete_row(&mut self, instance: InstanceId) -> Result<(), ExecError> {
+        self.shared.db.delete_instance(&instance).await?;
+        Ok(())
+    }
+
+    async fn swap_image(&mut self, image_id: ImageId) -> Result<(), ExecError> {
+        let region = self.shared.settings.region.clone();
+        tracing::info!(%region, image = %image_id, "image row swapped");
+        self.shared
+            .db
+            .upsert_image(&Image {
+                provider: PROVIDER.to_owned(),
+                region,
+                image_id,
+                client_sha: self.shared.settings.commit.clone(),
+                updated_at: Utc::now(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    fn abandon_upgrade(&mut self, image_id: ImageId) {
+        tracing::error!(region = %self.region(), image = %image_id, "image upgrade timed out: rolled back");
+        if !self.abandoned.contains(&image_id) {
+            self.abandoned.push(image_id);
+        }
+    }
 }
 
 fn uuid_like() -> String {

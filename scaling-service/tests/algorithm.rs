@@ -1,4 +1,5 @@
-//! Property tests of the default algorithm's invariants over thousands of random regions.
+//! Property tests of the algorithms' invariants over thousands of random regions: the default
+//! algorithm's, and the ones every algorithm (original, default, holdover) must keep.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,6 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dbclient::types::{ImageId, InstanceId, InstanceStatus};
 use proptest::prelude::*;
+use scaling_service::algorithm::holdover::decide_holdover;
+use scaling_service::algorithm::original::decide_original;
 use scaling_service::algorithm::{
     Action, AlgorithmConfig, InstanceView, PendingLaunch, Snapshot, decide,
 };
@@ -61,37 +64,41 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
         proptest::collection::vec((0u8..3, 1u32..4, 0i64..200), 0..3),
         any::<bool>(),
         proptest::collection::vec(any::<proptest::sample::Index>(), 0..3),
+        prop_oneof![Just(0u32), 0u32..6],
     )
-        .prop_map(|(instances, current, target, pending, abandon, busy)| {
-            let busy = if instances.is_empty() {
-                vec![]
-            } else {
-                busy.iter()
-                    .map(|i| instances[i.index(instances.len())].id.clone())
-                    .collect()
-            };
-            Snapshot {
-                current_image: current.map(image),
-                target_image: target.map(image),
-                abandoned_images: if abandon {
-                    target.map(image).into_iter().collect()
-                } else {
+        .prop_map(
+            |(instances, current, target, pending, abandon, busy, waiting)| {
+                let busy = if instances.is_empty() {
                     vec![]
-                },
-                pending_launches: pending
-                    .into_iter()
-                    .enumerate()
-                    .map(|(n, (img, count, age))| PendingLaunch {
-                        launch_id: format!("l-{n}"),
-                        image_id: image(img),
-                        count,
-                        started_at: t0() - chrono::Duration::minutes(age),
-                    })
-                    .collect(),
-                busy,
-                instances,
-            }
-        })
+                } else {
+                    busy.iter()
+                        .map(|i| instances[i.index(instances.len())].id.clone())
+                        .collect()
+                };
+                Snapshot {
+                    current_image: current.map(image),
+                    target_image: target.map(image),
+                    abandoned_images: if abandon {
+                        target.map(image).into_iter().collect()
+                    } else {
+                        vec![]
+                    },
+                    pending_launches: pending
+                        .into_iter()
+                        .enumerate()
+                        .map(|(n, (img, count, age))| PendingLaunch {
+                            launch_id: format!("l-{n}"),
+                            image_id: image(img),
+                            count,
+                            started_at: t0() - chrono::Duration::minutes(age),
+                        })
+                        .collect(),
+                    busy,
+                    instances,
+                    waiting_clients: waiting,
+                }
+            },
+        )
 }
 
 fn arb_config() -> impl Strategy<Value = AlgorithmConfig> {
@@ -214,5 +221,93 @@ proptest! {
         let free_hosts = s.instances.iter().filter(|i| !i.has_users()).count() as u32;
         // No free host could go without dropping below the buffer.
         prop_assert!(free_hosts == 0 || free - 2 < desired, "free {free}, desired {desired}");
+    }
+}
+
+/// Each algorithm's plan for `s`: which one, by index (0 original, 1 default, 2 holdover),
+/// with the free parameters its state would supply.
+fn plan_of(which: u8, s: &Snapshot, c: &AlgorithmConfig, held: u32, due: bool) -> Vec<Action> {
+    match which {
+        0 => decide_original(s, c, 1 + held % 3, due, t0()),
+        1 => decide(s, c, t0()),
+        _ => decide_holdover(s, c, held, t0()),
+    }
+}
+
+fn arb_settings() -> impl Strategy<Value = AlgorithmConfig> {
+    (arb_config(), 0u64..40).prop_map(|(c, min)| AlgorithmConfig {
+        min_lifetime: Duration::from_secs(min * 60),
+        ..c
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    #[test]
+    fn no_algorithm_touches_a_host_with_users_acts_twice_or_passes_the_cap(
+        which in 0u8..3,
+        s in arb_snapshot(),
+        c in arb_settings(),
+        held in 0u32..20,
+        due in any::<bool>(),
+    ) {
+        let plan = plan_of(which, &s, &c, held, due);
+        let mut seen = HashSet::new();
+        for action in &plan {
+            if let Action::Drain { instance } | Action::Terminate { instance, .. } = action {
+                let host = s.instances.iter().find(|i| &i.id == instance).unwrap();
+                prop_assert!(!host.has_users(), "{action:?} on {host:?}");
+                prop_assert!(!s.busy.contains(instance));
+            }
+            if let Some(id) = action.instance() {
+                prop_assert!(seen.insert(id.clone()), "two actions on {id}: {plan:?}");
+            }
+        }
+        let launched: u64 = plan.iter().map(|a| match a {
+            Action::Launch { count, .. } => u64::from(*count),
+            _ => 0,
+        }).sum();
+        let existing = s.instances.len() as u64
+            + s.pending_launches.iter().map(|p| u64::from(p.count)).sum::<u64>();
+        if launched > 0 {
+            prop_assert!(existing + launched <= u64::from(c.max_instances));
+        }
+        let zero = plan.iter().any(|a| matches!(a, Action::Launch { count: 0, .. }));
+        prop_assert!(!zero, "a launch of zero: {:?}", plan);
+        let requeue = matches!(plan.last(), Some(Action::RequeueAfter(d)) if *d > Duration::ZERO);
+        prop_assert!(requeue, "no positive requeue last: {:?}", plan);
+    }
+
+    /// Holdover drains no host within its minimum lifetime, nothing on the current image while
+    /// clients wait, and never more current-image capacity than has held as surplus.
+    #[test]
+    fn holdover_drains_only_old_enough_held_surplus(
+        s in arb_snapshot(),
+        c in arb_settings(),
+        held in 0u32..20,
+    ) {
+        let plan = decide_holdover(&s, &c, held, t0());
+        // The image assignment serves once the plan is carried out.
+        let current = plan
+            .iter()
+            .find_map(|a| match a {
+                Action::SwapImage { image_id } => Some(image_id.clone()),
+                _ => None,
+            })
+            .or(s.current_image.clone());
+        let mut drained_current = 0u32;
+        for action in &plan {
+            if let Action::Drain { instance } = action {
+                let host = s.instances.iter().find(|i| &i.id == instance).unwrap();
+                let active_for = (t0() - host.status_since).to_std().unwrap_or_default();
+                prop_assert!(active_for >= c.min_lifetime, "{host:?} is too young");
+                if Some(&host.image_id) == current.as_ref() {
+                    prop_assert_eq!(s.waiting_clients, 0);
+                    drained_current += host.remaining_capacity;
+                }
+            }
+        }
+        prop_assert!(drained_current <= held, "drained {drained_current} > held {held}");
     }
 }

@@ -4,6 +4,11 @@
 //! algorithm's decision is the pure function [`default::decide`], property-tested for its
 //! invariants (never touches a host with users, never exceeds the region's cap, converges on
 //! the buffer, never acts twice on one instance).
+//!
+//! Three algorithms implement [`ScalingAlgorithm`], chosen per region by [`AlgorithmKind`]:
+//! [`original`] (Whist's instance buffer, the baseline), [`default`] (a free-capacity buffer
+//! that drains surplus at once) and [`holdover`] (the service's default: demand-aware, drains
+//! only capacity that has been surplus for a hold-down time and hosts past a minimum lifetime).
 
 use std::time::Duration;
 
@@ -13,8 +18,12 @@ use dbclient::types::{ImageId, InstanceId, InstanceStatus};
 use crate::hosts::InstanceTypeInfo;
 
 pub mod default;
+pub mod holdover;
+pub mod original;
 
 pub use default::{DefaultAlgorithm, decide};
+pub use holdover::HoldoverAlgorithm;
+pub use original::OriginalAlgorithm;
 
 /// Mandelboxes per GPU (shared with the host service's limit).
 pub const MANDELBOXES_PER_GPU: u32 = 3;
@@ -74,6 +83,9 @@ pub struct Snapshot {
     pub pending_launches: Vec<PendingLaunch>,
     /// Instances with an action (a termination) still in flight: left alone.
     pub busy: Vec<InstanceId>,
+    /// Clients refused (`NO_INSTANCE_AVAILABLE`) in this region within the recent window and
+    /// presumably still retrying: demand the fleet has not met.
+    pub waiting_clients: u32,
 }
 
 /// The default algorithm's settings for one region.
@@ -93,7 +105,20 @@ pub struct AlgorithmConfig {
     pub upgrade_timeout: Duration,
     /// Decide again at the latest after this, even with no event.
     pub requeue_interval: Duration,
+    /// `holdover`: only capacity that has been surplus this long is drained. Default: five
+    /// typical GPU host boots (20 min), tuned with `make compare` on the trace corpus: shorter
+    /// hold-downs relaunch hosts after ordinary lulls between sessions.
+    pub hold_down: Duration,
+    /// `holdover`: a host is never drained within this time of becoming ACTIVE. Default: one
+    /// boot time (replacing it would cost another), at least EC2's 60 s billing minimum.
+    pub min_lifetime: Duration,
 }
+
+/// EC2 bills an instance for at least this long.
+pub const BILLING_MINIMUM: Duration = Duration::from_secs(60);
+/// A GPU host's typical time from launch to ACTIVE (EC2 g4dn: instance running, boot, host
+/// service registered).
+pub const TYPICAL_BOOT: Duration = Duration::from_secs(4 * 60);
 
 impl Default for AlgorithmConfig {
     fn default() -> Self {
@@ -105,6 +130,8 @@ impl Default for AlgorithmConfig {
             boot_timeout: Duration::from_secs(15 * 60),
             upgrade_timeout: Duration::from_secs(150 * 60),
             requeue_interval: Duration::from_secs(60),
+            hold_down: TYPICAL_BOOT * 5,
+            min_lifetime: TYPICAL_BOOT.max(BILLING_MINIMUM),
         }
     }
 }
@@ -174,4 +201,54 @@ pub trait ScalingAlgorithm: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &str;
     /// The plan for `snapshot` at `now`.
     async fn plan(&mut self, snapshot: &Snapshot, now: DateTime<Utc>) -> Vec<Action>;
+}
+
+/// Which algorithm runs a region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum AlgorithmKind {
+    /// Whist's instance buffer: keep N hosts, drain empty ones every 10 minutes.
+    Original,
+    /// A free-capacity buffer that drains surplus at once.
+    Default,
+    /// Counts refused clients as demand, drains only long-surplus capacity of old-enough hosts.
+    Holdover,
+}
+
+impl AlgorithmKind {
+    pub const ALL: &'static [AlgorithmKind] = &[Self::Original, Self::Default, Self::Holdover];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Original => "original",
+            Self::Default => "default",
+            Self::Holdover => "holdover",
+        }
+    }
+
+    /// A fresh algorithm of this kind.
+    pub fn build(self, config: AlgorithmConfig) -> Box<dyn ScalingAlgorithm> {
+        match self {
+            Self::Original => Box::new(OriginalAlgorithm::new(config)),
+            Self::Default => Box::new(DefaultAlgorithm::new(config)),
+            Self::Holdover => Box::new(HoldoverAlgorithm::new(config)),
+        }
+    }
+}
+
+impl std::fmt::Display for AlgorithmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AlgorithmKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.as_str() == s.trim())
+            .ok_or_else(|| format!("unknown algorithm {s:?} (original, default or holdover)"))
+    }
 }

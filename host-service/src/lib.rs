@@ -37,6 +37,7 @@ pub mod registration;
 pub mod resources;
 pub mod ttys;
 pub mod uinput;
+pub mod warm;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -277,6 +278,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
             host.clone()
                 .follow_allocations(subs.clone(), background.clone()),
         );
+        tasks.spawn(warm::keep_warm(host.clone(), background.clone()));
         tasks.spawn(host.clone().watch_own_status(
             subs.clone(),
             signals.drain.clone(),

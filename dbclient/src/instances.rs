@@ -44,6 +44,10 @@ instance_operation!(
     "crate::graphql::InstanceWithMandelboxesRow"
 );
 instance_operation!(InstancesWithCapacity, "crate::graphql::InstanceRow");
+instance_operation!(
+    InstancesWithWaitingMandelboxes,
+    "crate::graphql::InstanceWithMandelboxesRow"
+);
 instance_operation!(RegisterInstance, "crate::graphql::ReturningInstances");
 instance_operation!(TransitionInstanceStatus, "crate::graphql::Affected");
 instance_operation!(SetInstanceStatus, "crate::graphql::Affected");
@@ -165,6 +169,23 @@ impl DbClient {
         };
         Ok(self
             .execute::<InstancesWithCapacity>(variables)
+            .await?
+            .whist_instances)
+    }
+
+    /// The `ACTIVE` instances of the region on the image that have `WAITING` (warm) mandelboxes,
+    /// each with exactly those rows, oldest first.
+    pub async fn instances_with_waiting_mandelboxes(
+        &self,
+        region: &Region,
+        image_id: &ImageId,
+    ) -> Result<Vec<InstanceWithMandelboxes>, DbError> {
+        let variables = instances_with_waiting_mandelboxes::Variables {
+            region: region.to_string(),
+            image_id: image_id.to_string(),
+        };
+        Ok(self
+            .execute::<InstancesWithWaitingMandelboxes>(variables)
             .await?
             .whist_instances)
     }

@@ -37,6 +37,10 @@ mandelbox_operation!(
     TransitionMandelboxStatus,
     "crate::graphql::ReturningMandelboxes"
 );
+mandelbox_operation!(
+    ClaimWaitingMandelbox,
+    "crate::graphql::ReturningMandelboxes"
+);
 mandelbox_operation!(DeleteAllocatedMandelbox, "crate::graphql::Affected");
 mandelbox_operation!(DeleteMandelbox, "crate::graphql::MandelboxKey");
 mandelbox_operation!(
@@ -134,6 +138,28 @@ impl DbClient {
         &self,
         mandelbox: &NewMandelbox,
     ) -> Result<Option<Mandelbox>, DbError> {
+        self.insert_with_capacity(mandelbox, MandelboxStatus::Allocated)
+            .await
+    }
+
+    /// A host's warm box: inserts the row as `WAITING` (whatever `mandelbox.status` says) and
+    /// takes its unit of `remaining_capacity`, atomically like
+    /// [`DbClient::allocate_mandelbox`]. The unit stays with the row when it is claimed
+    /// ([`DbClient::claim_waiting_mandelbox`]) and comes back when the row is torn down.
+    /// `Ok(None)` — nothing changed — when the instance is not `ACTIVE` or full.
+    pub async fn insert_waiting_mandelbox(
+        &self,
+        mandelbox: &NewMandelbox,
+    ) -> Result<Option<Mandelbox>, DbError> {
+        self.insert_with_capacity(mandelbox, MandelboxStatus::Waiting)
+            .await
+    }
+
+    async fn insert_with_capacity(
+        &self,
+        mandelbox: &NewMandelbox,
+        status: MandelboxStatus,
+    ) -> Result<Option<Mandelbox>, DbError> {
         const OPERATION: &str = "AllocateMandelbox";
         let variables = allocate_mandelbox::Variables {
             id: mandelbox.id,
@@ -141,6 +167,7 @@ impl DbClient {
             instance_id: mandelbox.instance_id.to_string(),
             user_id: mandelbox.user_id.as_ref().map(ToString::to_string),
             session_id: mandelbox.session_id.clone(),
+            status: status.as_str().to_owned(),
         };
         let response = match self.execute::<AllocateMandelbox>(variables).await {
             Ok(response) => response,
@@ -187,6 +214,50 @@ impl DbClient {
             created_at: row.created_at,
             updated_at: row.updated_at,
         }))
+    }
+
+    /// Turns the instance's `WAITING` row `id` into the user's `ALLOCATED` row (user, session;
+    /// `updated_at` is the claim's time) with one guarded update, only while the instance is
+    /// `ACTIVE`. Of racing claimers of one row exactly one gets `Some`; the others `None`, and
+    /// nothing changed for them. Capacity is untouched: the WAITING row already held its unit.
+    pub async fn claim_waiting_mandelbox(
+        &self,
+        instance_id: &InstanceId,
+        id: &MandelboxId,
+        user_id: &UserId,
+        session_id: Option<&str>,
+    ) -> Result<Option<Mandelbox>, DbError> {
+        let variables = claim_waiting_mandelbox::Variables {
+            id: *id,
+            instance_id: instance_id.to_string(),
+            user_id: user_id.to_string(),
+            session_id: session_id.map(str::to_owned),
+        };
+        let response = self.execute::<ClaimWaitingMandelbox>(variables).await?;
+        let updated = required("ClaimWaitingMandelbox", response.update_whist_mandelboxes)?;
+        Ok(updated.returning.into_iter().next())
+    }
+
+    /// Claims one of the instance's `WAITING` rows for the user (oldest first; a row another
+    /// claimer took in between is skipped). `None` when none is left.
+    pub async fn claim_any_waiting_mandelbox(
+        &self,
+        instance_id: &InstanceId,
+        user_id: &UserId,
+        session_id: Option<&str>,
+    ) -> Result<Option<Mandelbox>, DbError> {
+        let waiting = self
+            .mandelboxes_on_instance_with_status(instance_id, MandelboxStatus::Waiting)
+            .await?;
+        for candidate in &waiting {
+            if let Some(claimed) = self
+                .claim_waiting_mandelbox(instance_id, &candidate.id, user_id, session_id)
+                .await?
+            {
+                return Ok(Some(claimed));
+            }
+        }
+        Ok(None)
     }
 
     /// `from` → `to`, only if the mandelbox is in `from` (e.g. the host's `ALLOCATED` →

@@ -70,6 +70,10 @@ pub struct Args {
     /// Default: 30, or -1 in local development.
     #[arg(long, env = "WHIST_PROTOCOL_TIMEOUT", allow_negative_numbers = true)]
     pub protocol_timeout: Option<i64>,
+    /// Warm mandelboxes to keep created, started and waiting for a user (`WAITING` rows the
+    /// scaling service claims at assignment); each holds one unit of capacity. 0: none.
+    #[arg(long, env = "WHIST_WARM_MANDELBOXES", default_value_t = 0)]
+    pub warm_mandelboxes: usize,
     /// How long a drain lets running mandelboxes finish before stopping them.
     #[arg(long, env = "WHIST_DRAIN_DEADLINE", default_value = "10m", value_parser = parse_duration)]
     pub drain_deadline: Duration,
@@ -147,6 +151,7 @@ pub struct Config {
     pub json_transport_timeout: Duration,
     pub ready_timeout: Duration,
     pub protocol_timeout: i64,
+    pub warm_mandelboxes: usize,
     pub drain_deadline: Duration,
     pub stop_grace: Duration,
     pub poweroff: bool,
@@ -257,6 +262,7 @@ impl Args {
                 .unwrap_or(if env.is_local() { -1 } else { 30 }),
             drain_deadline: self.drain_deadline,
             stop_grace: self.stop_grace,
+            warm_mandelboxes: self.warm_mandelboxes,
             poweroff: self.poweroff,
             ops_addr: self.ops_addr,
             ops_allow: self.ops_allow,
@@ -377,6 +383,16 @@ mod tests {
             .map_err(|e| e.to_string())?
             .validate()
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_warm_pool_is_off_unless_asked_for() {
+        assert_eq!(
+            args(&["--app-env", "localdev"]).unwrap().warm_mandelboxes,
+            0
+        );
+        let c = args(&["--app-env", "localdev", "--warm-mandelboxes", "3"]).unwrap();
+        assert_eq!(c.warm_mandelboxes, 3);
     }
 
     #[test]

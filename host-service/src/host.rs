@@ -22,6 +22,7 @@ use crate::metadata::InstanceIdentity;
 use crate::ops::{Metrics, Readiness};
 use crate::pairing::{ClientAnswer, ClientRequest, Pairing, PairingError};
 use crate::resources::{Allocation, ResourceError, Resources};
+use crate::warm::WarmPool;
 
 /// The heartbeat's period is 60 s minus up to 10 s of jitter, as in the original, so a fleet
 /// started together does not write in waves.
@@ -74,6 +75,8 @@ pub struct Host<R> {
     accepting: AtomicBool,
     /// Cancelled when every mandelbox must stop now (drain deadline passed).
     stop_all: CancellationToken,
+    /// The warm boxes waiting for a user (see [`crate::warm`]).
+    pub warm: WarmPool,
     pub(crate) tasks: TaskTracker,
 }
 
@@ -105,6 +108,7 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
             live: watch::channel(0).0,
             accepting: AtomicBool::new(true),
             stop_all: CancellationToken::new(),
+            warm: WarmPool::new(),
             tasks: TaskTracker::new(),
         }
     }
@@ -218,17 +222,29 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
     }
 
     /// Starts a task for the mandelbox unless one runs already. Returns whether it started one.
+    /// An ALLOCATED row of a running (warm) task is handed to that task: a user claimed it.
     pub fn spawn_mandelbox(self: &Arc<Self>, start: Start) -> bool {
         let id = match &start {
             Start::Allocated(row) => row.id,
-            Start::Adopted { id, .. } => *id,
+            Start::Warm { id, .. } | Start::Adopted { id, .. } => *id,
         };
         let handle = {
             let mut registry = self.lock_registry();
-            if registry.contains_key(&id) {
+            if let Some(running) = registry.get(&id) {
+                if let Start::Allocated(row) = start {
+                    running.claimed.send_if_modified(|claimed| {
+                        let first = claimed.is_none();
+                        if first {
+                            *claimed = Some(row);
+                        }
+                        first
+                    });
+                }
                 return false;
             }
-            if matches!(start, Start::Allocated(_)) && !self.accepting.load(Ordering::SeqCst) {
+            if matches!(start, Start::Allocated(_) | Start::Warm { .. })
+                && !self.accepting.load(Ordering::SeqCst)
+            {
                 tracing::info!(mandelbox.id = %id, "draining: allocation ignored");
                 return false;
             }
@@ -519,7 +535,8 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
                 let age = (now - row.updated_at).to_std().unwrap_or_default();
                 let stale = match row.status {
                     MandelboxStatus::Allocated => age > STALE_ALLOCATED,
-                    MandelboxStatus::Waiting => false,
+                    // A warm box's row without its task (the task's failed teardown).
+                    MandelboxStatus::Waiting => age > STALE_ORPHAN,
                     _ => age > STALE_ORPHAN,
                 };
                 if stale {
@@ -533,8 +550,10 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
 
     /// Drains: no new mandelboxes, the row marked DRAINING, running mandelboxes get until
     /// `deadline` to finish and are then stopped; returns when none is left.
+    /// Warm boxes are stopped at once: nobody is using them.
     pub async fn drain(&self, deadline: Duration, now: &CancellationToken) {
         self.accepting.store(false, Ordering::SeqCst);
+        self.warm.stop();
         self.readiness.draining.store(true, Ordering::SeqCst);
         if let Some(db) = &self.db
             && let Err(error) = db

@@ -38,6 +38,7 @@ pub mod registration;
 pub mod resources;
 pub mod ttys;
 pub mod uinput;
+pub mod warm;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -283,6 +284,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
             host.clone()
                 .follow_allocations(subs.clone(), background.clone()),
         );
+        tasks.spawn(warm::keep_warm(host.clone(), background.clone()));
         tasks.spawn(host.clone().watch_own_status(
             subs.clone(),
             signals.drain.clone(),

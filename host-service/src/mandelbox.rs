@@ -114,6 +114,8 @@ pub struct Handle {
     pub exit: watch::Sender<Option<Option<i64>>>,
     pub stop: CancellationToken,
     pub container: std::sync::Mutex<Option<ContainerId>>,
+    /// A warm box's row as delivered once a user claimed it (`ALLOCATED`); unused otherwise.
+    pub claimed: watch::Sender<Option<Mandelbox>>,
 }
 
 impl Handle {
@@ -122,6 +124,7 @@ impl Handle {
             exit: watch::channel(None).0,
             stop,
             container: std::sync::Mutex::new(None),
+            claimed: watch::channel(None).0,
         }
     }
 
@@ -132,7 +135,7 @@ impl Handle {
         }
     }
 
-    fn set_container(&self, id: ContainerId) {
+    pub(crate) fn set_container(&self, id: ContainerId) {
         match self.container.lock() {
             Ok(mut c) => *c = Some(id),
             Err(poisoned) => *poisoned.into_inner() = Some(id),
@@ -141,10 +144,15 @@ impl Handle {
 }
 
 /// Where a mandelbox starts from.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Start {
     /// A fresh allocation: claim it, then spin up.
     Allocated(Mandelbox),
+    /// A warm box for the pool ([`crate::warm`]); `prepared` hears whether it came up.
+    Warm {
+        id: MandelboxId,
+        prepared: crate::warm::PreparedSender,
+    },
     /// A mandelbox found running at start-up: adopt it and wait for its exit.
     Adopted {
         row: Option<Mandelbox>,
@@ -163,6 +171,7 @@ pub async fn run<R: ContainerRuntime + Clone + 'static>(
 ) {
     match start {
         Start::Allocated(row) => run_allocated(host, row, handle, event_at).await,
+        Start::Warm { id, prepared } => crate::warm::run(host, id, handle, prepared).await,
         Start::Adopted {
             row,
             id,
@@ -233,10 +242,7 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
             return;
         }
     }
-    let owner = match (&row.user_id, host.config.app_env.is_local()) {
-        (_, true) | (None, _) => Owner::Anyone,
-        (Some(user), false) => Owner::User(user.clone()),
-    };
+    let owner = Owner::of(row.user_id.as_ref(), host.config.app_env.is_local());
     host.pairing.set_owner(id, owner);
     tracing::info!("spinning up");
     host.metrics
@@ -264,6 +270,31 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
         .mandelboxes
         .with_label_values(&["starting"])
         .dec();
+    run_to_end(
+        &host,
+        id,
+        &handle,
+        result,
+        allocation.as_ref().ok(),
+        container.as_ref(),
+        &ended,
+        event_at,
+    )
+    .await;
+}
+
+/// After a spin-up: answer the client, run until the container exits or is stopped, tear down.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_to_end<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    id: MandelboxId,
+    handle: &Handle,
+    result: Result<ClientAnswer, SpinUpError>,
+    allocation: Option<&Allocation>,
+    container: Option<&ContainerId>,
+    ended: &CancellationToken,
+    event_at: Instant,
+) {
     let (status, reason) = match result {
         Ok(answer) => {
             host.metrics
@@ -278,8 +309,8 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
                 .mandelboxes
                 .with_label_values(&["running"])
                 .inc();
-            let reason = match &container {
-                Some(c) => wait_for_exit(&host, &handle, c).await,
+            let reason = match container {
+                Some(c) => wait_for_exit(host, handle, c).await,
                 None => "exited",
             };
             host.metrics
@@ -305,25 +336,17 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
         }
     };
     ended.cancel();
-    teardown(
-        &host,
-        id,
-        allocation.as_ref().ok(),
-        container.as_ref(),
-        status,
-        reason,
-    )
-    .await;
+    teardown(host, id, allocation, container, status, reason).await;
 }
 
 /// What one spin-up works on.
-struct Job<'a> {
-    row: &'a Mandelbox,
-    handle: &'a Handle,
+pub(crate) struct Job<'a> {
+    pub row: &'a Mandelbox,
+    pub handle: &'a Handle,
     /// When the allocation reached the host.
-    event_at: Instant,
+    pub event_at: Instant,
     /// Cancelled at teardown.
-    ended: &'a CancellationToken,
+    pub ended: &'a CancellationToken,
 }
 
 async fn spin_up<R: ContainerRuntime + Clone + 'static>(
@@ -333,6 +356,20 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     image: Result<String, SpinUpError>,
     container: &mut Option<ContainerId>,
 ) -> Result<ClientAnswer, SpinUpError> {
+    let private_key = prepare(host, job, allocation, image, container).await?;
+    finish(host, job.row.id, job.handle, allocation, private_key).await
+}
+
+/// The spin-up up to the point where only the user is missing: files, input devices, the
+/// container created and started, its parameters and `.paramsReady` written. Returns the
+/// stream's private key.
+pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    job: &Job<'_>,
+    allocation: &mut Allocation,
+    image: Result<String, SpinUpError>,
+    container: &mut Option<ContainerId>,
+) -> Result<String, SpinUpError> {
     let Job {
         row,
         handle,
@@ -425,7 +462,19 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
         elapsed_ms = event_at.elapsed().as_millis() as u64,
         "parameters ready"
     );
+    Ok(private_key)
+}
 
+/// The rest of the spin-up, once the user is known: pair with the client's json_transport
+/// request, hand over `config.json`, wait until the mandelbox is ready, mark the row RUNNING.
+pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    id: MandelboxId,
+    handle: &Handle,
+    allocation: &Allocation,
+    private_key: String,
+) -> Result<ClientAnswer, SpinUpError> {
+    let mappings_dir = MandelboxDirs::new(&host.config.root_dir, id).mappings();
     let request = unless_exited(
         handle,
         host.pairing
@@ -496,7 +545,7 @@ async fn unless_exited<T>(
 }
 
 /// Resolves with the exit code once the container's exit has been reported.
-async fn exit_code(handle: &Handle) -> Option<i64> {
+pub(crate) async fn exit_code(handle: &Handle) -> Option<i64> {
     let mut exit = handle.exit.subscribe();
     let code = exit.wait_for(Option::is_some).await;
     code.ok().and_then(|c| *c).flatten()

@@ -79,6 +79,15 @@ pub enum Owner {
 }
 
 impl Owner {
+    /// The owner of a row with `user`: that user, or anyone in local development (or when the
+    /// row names nobody).
+    pub fn of(user: Option<&UserId>, local: bool) -> Self {
+        match (user, local) {
+            (Some(user), false) => Self::User(user.clone()),
+            _ => Self::Anyone,
+        }
+    }
+
     fn permits(&self, user: Option<&UserId>) -> bool {
         match self {
             Self::Anyone => true,

@@ -123,13 +123,9 @@ pub async fn reconcile<R: ContainerRuntime + Clone + 'static>(
     }
 
     for (id, row) in &rows {
-        if adopted.contains(id)
-            || matches!(
-                row.status,
-                MandelboxStatus::Allocated | MandelboxStatus::Waiting
-            )
-        {
-            // ALLOCATED rows are the live query's to deliver.
+        if adopted.contains(id) || row.status == MandelboxStatus::Allocated {
+            // ALLOCATED rows are the live query's to deliver (a warm box claimed just before a
+            // crash too: it is spun up cold). WAITING rows go with their warm containers.
             continue;
         }
         host.delete_row(*id).await;

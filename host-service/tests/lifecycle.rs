@@ -585,7 +585,17 @@ impl Binary {
     }
 
     fn spawn(&self, t: &TestHost, drain_deadline: &str) -> tokio::process::Child {
+        self.spawn_with_warm(t, drain_deadline, 0)
+    }
+
+    fn spawn_with_warm(
+        &self,
+        t: &TestHost,
+        drain_deadline: &str,
+        warm: usize,
+    ) -> tokio::process::Child {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_whist-host-service"))
+            .env("WHIST_WARM_MANDELBOXES", warm.to_string())
             .env("APP_ENV", "localdevwithdb")
             .env("HASURA_GRAPHQL_URL", t.stack.graphql_url())
             .env("HASURA_ADMIN_SECRET", TEST_ADMIN_SECRET)
@@ -910,4 +920,158 @@ async fn an_exit_missed_while_the_event_stream_was_down_is_still_handled() {
     .await;
     signals.drain.cancel();
     task.await.unwrap().unwrap();
+}
+
+impl TestHost {
+    async fn waiting_rows(&self) -> Vec<dbclient::types::Mandelbox> {
+        self.rows()
+            .await
+            .into_iter()
+            .filter(|r| r.status == MandelboxStatus::Waiting)
+            .collect()
+    }
+
+    /// The WAITING rows, once there are `n` of them and each has its running container.
+    async fn until_warm(&self, n: usize) -> Vec<dbclient::types::Mandelbox> {
+        self.until("the warm boxes to wait", || async {
+            let waiting = self.waiting_rows().await;
+            let running: BTreeSet<String> = self
+                .containers()
+                .await
+                .into_iter()
+                .filter(|c| c.status == ContainerStatus::Running)
+                .map(|c| c.labels[LABEL_MANDELBOX_ID].clone())
+                .collect();
+            waiting.len() == n && waiting.iter().all(|r| running.contains(&r.id.to_string()))
+        })
+        .await;
+        self.waiting_rows().await
+    }
+}
+
+#[tokio::test]
+async fn warm_boxes_wait_with_running_containers_a_claim_serves_its_user_and_the_pool_refills() {
+    let t = TestHost::new().await;
+    let mut config = t.config();
+    config.warm_mandelboxes = 2;
+    let (task, host, signals) = t.start(config).await;
+    let warm = t.until_warm(2).await;
+    assert!(warm.iter().all(|r| r.user_id.is_none()));
+    // Each WAITING row holds its unit of capacity.
+    assert_eq!(t.capacity().await, Some(18 - 2));
+    for row in &warm {
+        let mappings = t
+            .root
+            .path()
+            .join(row.id.to_string())
+            .join("mandelboxResourceMappings");
+        assert!(mappings.join(".paramsReady").exists(), "parameters ready");
+        assert!(!mappings.join("config.json").exists(), "no user config yet");
+    }
+
+    let alice = UserId::new("alice").unwrap();
+    let claimed =
+        t.db.claim_any_waiting_mandelbox(&t.identity.instance_id, &alice, Some("1700000000000"))
+            .await
+            .unwrap()
+            .expect("a warm box to claim");
+    assert!(warm.iter().any(|r| r.id == claimed.id));
+    assert_eq!(
+        t.capacity().await,
+        Some(18 - 2),
+        "a claim takes no capacity"
+    );
+    let answer = host
+        .json_transport(request(claimed.id, "alice", r#"{"dpi":144}"#))
+        .await
+        .expect("the claimed warm box answers");
+    let row = t.db.mandelbox(&claimed.id).await.unwrap().unwrap();
+    assert_eq!(row.status, MandelboxStatus::Running);
+    assert_eq!(row.user_id, Some(alice));
+
+    // Refilled at once: two waiting again beside the claimed one.
+    let refilled = t.until_warm(2).await;
+    assert!(refilled.iter().all(|r| r.id != claimed.id));
+    assert_eq!(t.capacity().await, Some(18 - 3));
+
+    let greeting = visit_and_leave(&answer).await;
+    assert_eq!(greeting["config"]["dpi"], 144);
+    // Used by one user and destroyed after, never reused.
+    t.until("the claimed box to be gone", || async {
+        t.db.mandelbox(&claimed.id).await.unwrap().is_none()
+    })
+    .await;
+    t.until("its container to be gone", || async {
+        t.containers()
+            .await
+            .iter()
+            .all(|c| c.labels[LABEL_MANDELBOX_ID] != claimed.id.to_string())
+    })
+    .await;
+    assert_eq!(t.capacity().await, Some(18 - 2));
+    assert_eq!(t.until_warm(2).await.len(), 2);
+
+    // Drain removes the warm boxes without waiting (the deadline is 60 s).
+    let started = Instant::now();
+    signals.drain.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "drain waited for warm boxes: {:?}",
+        started.elapsed()
+    );
+    t.assert_clean(Some(&host)).await;
+    assert_eq!(host.warm.waiting(), 0);
+    assert_eq!(t.capacity().await, None, "the instance row is deleted");
+}
+
+/// SIGKILL with warm boxes waiting, then a restart: the first run's warm containers and rows
+/// are removed, and the new run's pool is exactly its own (no container without a row, no row
+/// without a container).
+#[tokio::test]
+async fn sigkill_with_warm_boxes_then_restart_leaves_no_orphan() {
+    let t = TestHost::new().await;
+    let binary = Binary::new(&t).await;
+
+    let mut first = binary.spawn_with_warm(&t, "1s", 2);
+    t.until("the first run to be ready", || binary.ready())
+        .await;
+    let before: BTreeSet<MandelboxId> = t.until_warm(2).await.iter().map(|r| r.id).collect();
+    first.kill().await.unwrap();
+
+    let mut second = binary.spawn_with_warm(&t, "1s", 2);
+    t.until("the second run to be ready", || binary.ready())
+        .await;
+    t.until("only the second run's pool to be left", || async {
+        let rows = t.rows().await;
+        let containers: BTreeSet<String> = t
+            .containers()
+            .await
+            .iter()
+            .map(|c| c.labels[LABEL_MANDELBOX_ID].clone())
+            .collect();
+        let ids: BTreeSet<String> = rows.iter().map(|r| r.id.to_string()).collect();
+        rows.len() == 2
+            && rows
+                .iter()
+                .all(|r| r.status == MandelboxStatus::Waiting && !before.contains(&r.id))
+            && ids == containers
+    })
+    .await;
+    let instance =
+        t.db.instance(&t.identity.instance_id)
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(instance.instance.remaining_capacity, 18 - 2);
+
+    signal(&second, nix::sys::signal::Signal::SIGTERM);
+    let status = tokio::time::timeout(WAIT, second.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(t.capacity().await, None);
+    t.assert_clean(None).await;
+    binary.imds.stop().await;
 }

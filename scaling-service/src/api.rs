@@ -6,8 +6,10 @@
 //! [`AssignRequest`] and calls [`Assigner::assign`], which tests can drive without HTTP.
 //! Assignment walks the client's regions in its order, picks ACTIVE hosts on the region's
 //! current image with the client's commit that have published their json_transport certificate
-//! fingerprint, fullest first (bin-packing), and claims a slot with `allocate_mandelbox`: an
-//! insert and a capacity decrement in one transaction, so two requests never get the same slot.
+//! fingerprint. It first tries to claim a host's warm (`WAITING`) mandelbox with one guarded
+//! update (`claim_waiting_mandelbox`); where none is free it takes the fullest host first
+//! (bin-packing) and claims a slot with `allocate_mandelbox`: an insert and a capacity decrement
+//! in one transaction. Either way two requests never get the same mandelbox or slot.
 //! The answer carries that fingerprint, so the client can pin the host's certificate. The
 //! region that served (or failed) is asked to re-check its buffer.
 
@@ -123,20 +125,52 @@ impl Assigner {
                 } else {
                     request.client_commit_hash.clone()
                 };
+            // Warm first: a claimed WAITING box is already running, so the session starts
+            // without a container start. Same fit rules as the cold path below.
+            let warm_hosts = self
+                .db
+                .instances_with_waiting_mandelboxes(region, &image.image_id)
+                .await
+                .map_err(unavailable)?;
+            for warm in &warm_hosts {
+                let Some((ip, tls_fingerprint)) =
+                    fit(&warm.instance, &wanted_commit, &mut mismatch)
+                else {
+                    continue;
+                };
+                for waiting in &warm.mandelboxes {
+                    // None: another request claimed this one first; try the next.
+                    if let Some(mandelbox) = self
+                        .db
+                        .claim_waiting_mandelbox(
+                            &warm.instance.id,
+                            &waiting.id,
+                            user,
+                            request.session_id.as_deref(),
+                        )
+                        .await
+                        .map_err(unavailable)?
+                    {
+                        tracing::info!(%region, mandelbox.id = %mandelbox.id, "assigned a warm mandelbox");
+                        self.recheck(region);
+                        return Ok((
+                            region.clone(),
+                            Assignment {
+                                ip,
+                                mandelbox_id: mandelbox.id,
+                                tls_fingerprint: Some(tls_fingerprint),
+                            },
+                        ));
+                    }
+                }
+            }
             let hosts = self
                 .db
                 .instances_with_capacity(region, &image.image_id)
                 .await
                 .map_err(unavailable)?;
             for host in &hosts {
-                if host.client_sha != wanted_commit {
-                    mismatch = true;
-                    continue;
-                }
-                let Some(ip) = host.ip_addr else { continue };
-                // No fingerprint yet: the host has not published its json_transport certificate,
-                // so its client could not pin it. Not ready; it publishes right after registering.
-                let Some(tls_fingerprint) = host.tls_fingerprint.clone() else {
+                let Some((ip, tls_fingerprint)) = fit(host, &wanted_commit, &mut mismatch) else {
                     continue;
                 };
                 let new = NewMandelbox {
@@ -190,6 +224,22 @@ impl Assigner {
             let _ = tx.try_send(event);
         }
     }
+}
+
+/// Where a client of `wanted_commit` can be sent on `host`: its address and its certificate
+/// fingerprint. `None` when the commit differs (noted in `mismatch`), the host has no address yet,
+/// or it has not published its json_transport certificate (its client could not pin it; it
+/// publishes right after registering).
+fn fit(
+    host: &dbclient::types::Instance,
+    wanted_commit: &str,
+    mismatch: &mut bool,
+) -> Option<(IpAddr, String)> {
+    if host.client_sha != wanted_commit {
+        *mismatch = true;
+        return None;
+    }
+    Some((host.ip_addr?, host.tls_fingerprint.clone()?))
 }
 
 /// A token bucket shared by every client: over the rate, requests get `429` (and nothing else

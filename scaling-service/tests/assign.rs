@@ -302,3 +302,85 @@ async fn the_rate_limit_really_rejects() {
         .unwrap();
     assert!(metrics.contains("whist_scaling_assign_seconds"));
 }
+
+fn host(n: u32) -> InstanceId {
+    InstanceId::new(format!("i-{n:017}")).unwrap()
+}
+
+async fn insert_warm(fx: &Fixture, on: &InstanceId) -> dbclient::types::MandelboxId {
+    let row = dbclient::types::NewMandelbox {
+        id: dbclient::types::MandelboxId::random(),
+        app: "chrome".to_owned(),
+        instance_id: on.clone(),
+        user_id: None,
+        session_id: None,
+        status: dbclient::types::MandelboxStatus::Waiting,
+    };
+    fx.db
+        .insert_waiting_mandelbox(&row)
+        .await
+        .unwrap()
+        .unwrap()
+        .id
+}
+
+#[tokio::test]
+async fn assign_claims_a_warm_mandelbox_before_taking_a_cold_slot() {
+    let fx = fixture(2, RateLimiter::new(1000.0, 1000)).await;
+    let warm = insert_warm(&fx, &host(1)).await;
+    let client = reqwest::Client::new();
+    let (status, body) = post(&client, &fx, Some("user:alice"), BODY).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mandelbox_id"], warm.to_string());
+    assert_eq!(body["ip"], "10.0.0.2");
+    assert_eq!(body["tls_fingerprint"], fingerprint(1));
+    let row = fx.db.mandelbox(&warm).await.unwrap().unwrap();
+    assert_eq!(row.status, dbclient::types::MandelboxStatus::Allocated);
+    assert_eq!(row.user_id.map(|u| u.to_string()).as_deref(), Some("alice"));
+    // The claim took no capacity (the WAITING row held its unit); the next user goes cold.
+    let instance = fx.db.instance(&host(1)).await.unwrap().unwrap();
+    assert_eq!(instance.instance.remaining_capacity, 1);
+    let (status, body) = post(&client, &fx, Some("user:bob"), BODY).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["mandelbox_id"], warm.to_string());
+}
+
+#[tokio::test]
+async fn concurrent_assigns_claim_each_warm_mandelbox_once_and_then_fall_back_to_cold_slots() {
+    let fx = fixture(3, RateLimiter::new(1000.0, 1000)).await;
+    let warm: HashSet<String> = [
+        insert_warm(&fx, &host(1)).await,
+        insert_warm(&fx, &host(1)).await,
+    ]
+    .iter()
+    .map(ToString::to_string)
+    .collect();
+    let client = reqwest::Client::new();
+    let answers = futures::future::join_all((0..10).map(|n| {
+        let client = client.clone();
+        let fx = &fx;
+        async move { post(&client, fx, Some(&format!("user:user-{n}")), BODY).await }
+    }))
+    .await;
+    let mut ids = HashSet::new();
+    let mut refused = 0;
+    for (status, body) in &answers {
+        match status {
+            200 => assert!(ids.insert(body["mandelbox_id"].as_str().unwrap().to_owned())),
+            503 => {
+                assert_eq!(body["error"], "NO_INSTANCE_AVAILABLE", "{body}");
+                refused += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    // Two warm boxes and four cold slots: six users served, each warm box exactly once.
+    assert_eq!((ids.len(), refused), (6, 4));
+    assert!(warm.is_subset(&ids), "{warm:?} {ids:?}");
+    let east = Region::new("us-east-1").unwrap();
+    for row in fx.db.instances_in_region(&east).await.unwrap() {
+        assert_eq!(row.instance.remaining_capacity, 0);
+        assert_eq!(row.mandelboxes.len(), 2);
+        assert!(row.mandelboxes.iter().all(|m| m.user_id.is_some()));
+    }
+}

@@ -339,3 +339,158 @@ async fn inserting_a_duplicate_or_orphan_mandelbox_is_a_typed_constraint_violati
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_waiting_row_holds_its_capacity_and_a_claim_takes_none() {
+    let fx = Fixture::start().await;
+    seed(
+        &fx.db,
+        &[
+            new_instance("i-1", InstanceStatus::Active, 2),
+            new_instance("i-draining", InstanceStatus::Draining, 2),
+        ],
+    )
+    .await;
+    let warm = fx
+        .db
+        .insert_waiting_mandelbox(&new_mandelbox("i-1", MandelboxStatus::Allocated, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(warm.status, MandelboxStatus::Waiting);
+    assert_eq!(warm.user_id, None);
+    assert_eq!(capacity(&fx, "i-1").await, 1);
+    assert_eq!(
+        fx.db
+            .insert_waiting_mandelbox(&new_mandelbox("i-draining", MandelboxStatus::Waiting, None))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(capacity(&fx, "i-draining").await, 2);
+
+    let listed = fx
+        .db
+        .instances_with_waiting_mandelboxes(&region(REGION), &image(IMAGE))
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].instance.id, instance_id("i-1"));
+    assert_eq!(listed[0].mandelboxes, vec![warm.clone()]);
+
+    let alice = UserId::new("alice").unwrap();
+    // Not on another instance, and not for a second claimer.
+    assert_eq!(
+        fx.db
+            .claim_waiting_mandelbox(&instance_id("i-draining"), &warm.id, &alice, None)
+            .await
+            .unwrap(),
+        None
+    );
+    let claimed = fx
+        .db
+        .claim_waiting_mandelbox(&instance_id("i-1"), &warm.id, &alice, Some("42"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, warm.id);
+    assert_eq!(claimed.status, MandelboxStatus::Allocated);
+    assert_eq!(claimed.user_id, Some(alice.clone()));
+    assert_eq!(claimed.session_id.as_deref(), Some("42"));
+    assert!(claimed.updated_at >= warm.updated_at);
+    assert_eq!(capacity(&fx, "i-1").await, 1);
+    assert_eq!(
+        fx.db
+            .claim_waiting_mandelbox(&instance_id("i-1"), &warm.id, &alice, None)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(
+        fx.db
+            .instances_with_waiting_mandelboxes(&region(REGION), &image(IMAGE))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_draining_instances_waiting_rows_are_not_claimed() {
+    let fx = Fixture::start().await;
+    seed(&fx.db, &[new_instance("i-1", InstanceStatus::Active, 1)]).await;
+    let warm = fx
+        .db
+        .insert_waiting_mandelbox(&new_mandelbox("i-1", MandelboxStatus::Waiting, None))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        fx.db
+            .set_instance_status(&instance_id("i-1"), InstanceStatus::Draining)
+            .await
+            .unwrap()
+    );
+    let alice = UserId::new("alice").unwrap();
+    assert_eq!(
+        fx.db
+            .claim_waiting_mandelbox(&instance_id("i-1"), &warm.id, &alice, None)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        fx.db.mandelbox(&warm.id).await.unwrap().unwrap().status,
+        MandelboxStatus::Waiting
+    );
+}
+
+#[tokio::test]
+async fn n_concurrent_claims_of_m_waiting_rows_give_exactly_m_distinct_claims() {
+    const WAITING: usize = 4;
+    const CLAIMERS: usize = 12;
+    let fx = Fixture::start().await;
+    seed(
+        &fx.db,
+        &[new_instance(
+            "i-1",
+            InstanceStatus::Active,
+            WAITING as u32 + 2,
+        )],
+    )
+    .await;
+    for _ in 0..WAITING {
+        fx.db
+            .insert_waiting_mandelbox(&new_mandelbox("i-1", MandelboxStatus::Waiting, None))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let claims = (0..CLAIMERS).map(|n| {
+        let db = fx.db.clone();
+        tokio::spawn(async move {
+            let user = UserId::new(format!("user-{n}")).unwrap();
+            db.claim_any_waiting_mandelbox(&instance_id("i-1"), &user, None)
+                .await
+                .map(|claimed| claimed.map(|m| (m.id, user)))
+        })
+    });
+    let results: Vec<_> = join_all(claims)
+        .await
+        .into_iter()
+        .map(|joined| joined.unwrap())
+        .collect();
+    let errors: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    let won: Vec<_> = results.into_iter().filter_map(|r| r.unwrap()).collect();
+    assert_eq!(won.len(), WAITING, "{won:?}");
+    let distinct: HashSet<_> = won.iter().map(|(id, _)| *id).collect();
+    assert_eq!(distinct.len(), WAITING);
+    for (id, user) in &won {
+        let row = fx.db.mandelbox(id).await.unwrap().unwrap();
+        assert_eq!(row.status, MandelboxStatus::Allocated);
+        assert_eq!(row.user_id.as_ref(), Some(user));
+    }
+    // The claims took no capacity: the rows had it from their insert.
+    assert_eq!(capacity(&fx, "i-1").await, 2);
+}

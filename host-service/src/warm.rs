@@ -1,0 +1,289 @@
+//! The warm pool: up to `--warm-mandelboxes` mandelboxes created, started and waiting at the last
+//! point where only the user is missing, so a claimed one answers json_transport without a
+//! container start.
+//!
+//! A warm box's life: its task takes resources, inserts its row as `WAITING` (which takes one
+//! unit of the instance's `remaining_capacity`, atomically with the insert), creates and starts
+//! the container, writes the resource-mapping files and `.paramsReady`, and waits. The scaling
+//! service claims it with one guarded update (`WAITING` → `ALLOCATED`, user and session set);
+//! the ALLOCATED live query delivers the row to the waiting task, which claims it for itself
+//! (`ALLOCATED` → `CONNECTING`) and finishes the spin-up like a cold one (json_transport pairing,
+//! `config.json`, `RUNNING`). From then on it is an ordinary mandelbox: used by that one user and
+//! destroyed after. The pool refills as soon as a box leaves the waiting state.
+//!
+//! Failures: a warm box that fails to come up, or whose container exits while it waits, is torn
+//! down (row deleted, capacity returned) and replaced after a backoff. A drain stops every
+//! waiting box at once (never waits for them). After a SIGKILL, start-up reconcile removes warm
+//! containers and `WAITING` rows (nothing of a warm box is adopted).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dbclient::types::{Mandelbox, MandelboxId, MandelboxStatus, NewMandelbox};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::docker::ContainerRuntime;
+use crate::host::Host;
+use crate::mandelbox::{self, Handle, Job, SpinUpError};
+use crate::pairing::Owner;
+
+/// The app of every warm box (what assignment hands out).
+pub const WARM_APP: &str = "chrome";
+/// After a warm box failed to come up, the next try waits 1 s doubling to 60 s: a full host or
+/// a missing image does not fix itself at once, and each try costs a container start.
+const RETRY_BASE: Duration = Duration::from_secs(1);
+const RETRY_CAP: Duration = Duration::from_secs(60);
+
+/// Tells the pool whether a warm box reached the waiting state.
+pub type PreparedSender = oneshot::Sender<bool>;
+
+/// What the host keeps about its pool.
+#[derive(Debug)]
+pub struct WarmPool {
+    /// Warm boxes being prepared or waiting for a user.
+    waiting: watch::Sender<usize>,
+    /// Cancelled when the waiting boxes must go (drain, shutdown).
+    stop: CancellationToken,
+}
+
+impl Default for WarmPool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl WarmPool {
+    pub fn new() -> Self {
+        Self {
+            waiting: watch::channel(0).0,
+            stop: CancellationToken::new(),
+        }
+    }
+
+    /// Warm boxes being prepared or waiting right now.
+    pub fn waiting(&self) -> usize {
+        *self.waiting.borrow()
+    }
+
+    /// Stops every waiting box and the refill loop.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    fn enter(&self) -> Slot<'_> {
+        self.waiting.send_modify(|n| *n += 1);
+        Slot(&self.waiting)
+    }
+}
+
+/// One box's place among the waiting ones; released when it is claimed or gone.
+struct Slot<'a>(&'a watch::Sender<usize>);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Keeps `config.warm_mandelboxes` boxes waiting while the host accepts mandelboxes, one spin-up
+/// at a time. Returns on shutdown or drain; does nothing when the pool is off or there is no
+/// database (localdev has no assignment).
+pub async fn keep_warm<R: ContainerRuntime + Clone + 'static>(
+    host: Arc<Host<R>>,
+    shutdown: CancellationToken,
+) {
+    let target = host.config.warm_mandelboxes;
+    if target == 0 || host.db.is_none() {
+        return;
+    }
+    let mut failures: u32 = 0;
+    let mut waiting = host.warm.waiting.subscribe();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = host.warm.stop.cancelled() => return,
+            result = waiting.wait_for(|n| *n < target) => if result.is_err() { return },
+        }
+        let (tx, rx) = oneshot::channel();
+        let id = MandelboxId::random();
+        if !host.spawn_mandelbox(mandelbox::Start::Warm { id, prepared: tx }) {
+            return;
+        }
+        let prepared = tokio::select! {
+            () = shutdown.cancelled() => return,
+            prepared = rx => prepared.unwrap_or(false),
+        };
+        if prepared {
+            failures = 0;
+            continue;
+        }
+        failures = failures.saturating_add(1);
+        let delay = RETRY_BASE
+            .saturating_mul(2u32.saturating_pow(failures - 1))
+            .min(RETRY_CAP);
+        tracing::debug!(
+            failures,
+            delay_ms = delay.as_millis() as u64,
+            "warm box failed; retrying later"
+        );
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = host.warm.stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// The task of one warm box (see the module doc).
+pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
+    host: Arc<Host<R>>,
+    id: MandelboxId,
+    handle: Arc<Handle>,
+    prepared: PreparedSender,
+) {
+    let span = tracing::info_span!("mandelbox", mandelbox.id = %id, warm = true);
+    let _enter = span.enter();
+    let Some(db) = host.db.clone() else {
+        let _ = prepared.send(false);
+        return;
+    };
+    let slot = host.warm.enter();
+    let mut allocation = match host.allocate(id) {
+        Ok(allocation) => allocation,
+        Err(error) => {
+            tracing::debug!(%error, "no resources for a warm box");
+            let _ = prepared.send(false);
+            return;
+        }
+    };
+    let new = NewMandelbox {
+        id,
+        app: WARM_APP.to_owned(),
+        instance_id: host.instance_id().clone(),
+        user_id: None,
+        session_id: None,
+        status: MandelboxStatus::Waiting,
+    };
+    let row = match db.insert_waiting_mandelbox(&new).await {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            tracing::debug!("no capacity for a warm box (or the instance is not ACTIVE)");
+            host.free(id, &allocation);
+            let _ = prepared.send(false);
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot insert a warm box's row");
+            host.free(id, &allocation);
+            let _ = prepared.send(false);
+            return;
+        }
+    };
+    let event_at = Instant::now();
+    let ended = CancellationToken::new();
+    let mut container = None;
+    let image = host.resolve_image(&row.app).await;
+    let job = Job {
+        row: &row,
+        handle: &handle,
+        event_at,
+        ended: &ended,
+    };
+    let private_key =
+        match mandelbox::prepare(&host, &job, &mut allocation, image, &mut container).await {
+            Ok(key) => key,
+            Err(error) => {
+                tracing::warn!(%error, cause = error.cause(), "warm box failed to come up");
+                host.metrics
+                    .spinup_failures
+                    .with_label_values(&[error.cause()])
+                    .inc();
+                let _ = prepared.send(false);
+                ended.cancel();
+                mandelbox::teardown(
+                    &host,
+                    id,
+                    Some(&allocation),
+                    container.as_ref(),
+                    MandelboxStatus::Waiting,
+                    "failed",
+                )
+                .await;
+                return;
+            }
+        };
+    tracing::info!(
+        elapsed_ms = event_at.elapsed().as_millis() as u64,
+        "warm box waiting"
+    );
+    let _ = prepared.send(true);
+
+    let claimed = tokio::select! {
+        row = wait_for_claim(&handle) => row,
+        code = mandelbox::exit_code(&handle) => {
+            tracing::warn!(exit_code = ?code, "warm box exited while waiting");
+            None
+        }
+        () = handle.stop.cancelled() => None,
+        () = host.warm.stop.cancelled() => None,
+    };
+    drop(slot);
+    let Some(claimed) = claimed else {
+        ended.cancel();
+        mandelbox::teardown(
+            &host,
+            id,
+            Some(&allocation),
+            container.as_ref(),
+            MandelboxStatus::Waiting,
+            "stopped",
+        )
+        .await;
+        return;
+    };
+    let claimed_at = Instant::now();
+    tracing::info!(user.id = ?claimed.user_id, "warm box claimed");
+    let result = claim_and_finish(&host, &claimed, &handle, &allocation, private_key).await;
+    mandelbox::run_to_end(
+        &host,
+        id,
+        &handle,
+        result,
+        Some(&allocation),
+        container.as_ref(),
+        &ended,
+        claimed_at,
+    )
+    .await;
+}
+
+/// The claimed row: ours to finish once the host's guarded `ALLOCATED` → `CONNECTING` holds.
+async fn claim_and_finish<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    row: &Mandelbox,
+    handle: &Handle,
+    allocation: &crate::resources::Allocation,
+    private_key: String,
+) -> Result<crate::pairing::ClientAnswer, SpinUpError> {
+    if let Some(db) = &host.db {
+        db.transition_mandelbox_status(
+            &row.id,
+            MandelboxStatus::Allocated,
+            MandelboxStatus::Connecting,
+        )
+        .await?
+        .ok_or(SpinUpError::RowGone)?;
+    }
+    let owner = Owner::of(row.user_id.as_ref(), host.config.app_env.is_local());
+    host.pairing.set_owner(row.id, owner);
+    mandelbox::finish(host, row.id, handle, allocation, private_key).await
+}
+
+/// Resolves with the row once the ALLOCATED live query delivered it (see
+/// [`Host::spawn_mandelbox`]).
+async fn wait_for_claim(handle: &Handle) -> Option<Mandelbox> {
+    let mut claimed = handle.claimed.subscribe();
+    let row = claimed.wait_for(Option::is_some).await;
+    row.ok().and_then(|r| r.clone())
+}

@@ -474,7 +474,7 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
     allocation: &Allocation,
     private_key: String,
 ) -> Result<ClientAnswer, SpinUpError> {
-    let mappings_dir = MandelboxDirs::new(&host.config.root_dir, id).mappings();
+    let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     let request = unless_exited(
         handle,
         host.pairing

@@ -14,6 +14,7 @@
 //! region that served (or failed) is asked to re-check its buffer.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -152,7 +153,10 @@ impl Assigner {
                         .map_err(unavailable)?
                     {
                         tracing::info!(%region, mandelbox.id = %mandelbox.id, "assigned a warm mandelbox");
-                        self.recheck(region);
+                        if rank > 0 {
+                            tracing::warn!(%region, "assigned outside the closest region");
+                        }
+                        self.tell(region, Event::Assigned { client: client() });
                         return Ok((
                             region.clone(),
                             Assignment {

@@ -78,12 +78,24 @@ pub fn view(
     status_since: DateTime<Utc>,
 ) -> InstanceView {
     let i = &row.instance;
+    // A warm box (a WAITING row) holds one unit of the row's capacity from its insert, but it is
+    // free to the algorithms: the next user is assigned to it. Counted as taken, a host keeping
+    // warm boxes would look busy forever (never scaled down) and its warm slots as missing
+    // (launches for capacity that exists).
+    let warm = u32::try_from(
+        row.mandelboxes
+            .iter()
+            .filter(|m| m.status == MandelboxStatus::Waiting)
+            .count(),
+    )
+    .unwrap_or(u32::MAX);
+    let free = i.remaining_capacity.saturating_add(warm);
     InstanceView {
         id: i.id.clone(),
         image_id: i.image_id.clone(),
         status: i.status,
-        remaining_capacity: i.remaining_capacity,
-        capacity: capacity.max(i.remaining_capacity),
+        remaining_capacity: free,
+        capacity: capacity.max(free),
         mandelboxes: u32::try_from(
             row.mandelboxes
                 .iter()
@@ -128,4 +140,74 @@ pub fn report(
         .lingering_instances
         .with_label_values(&[r])
         .set(i64::try_from(lingering).unwrap_or(i64::MAX));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use chrono::Utc;
+    use dbclient::types::{
+        ImageId, Instance, InstanceId, InstanceStatus, InstanceWithMandelboxes, Mandelbox,
+        MandelboxId, MandelboxStatus, Region, UserId,
+    };
+
+    use super::view;
+
+    fn row(remaining: u32, statuses: &[MandelboxStatus]) -> InstanceWithMandelboxes {
+        let now = Utc::now();
+        let id = InstanceId::new("i-0123456789abcdef0").unwrap();
+        InstanceWithMandelboxes {
+            instance: Instance {
+                id: id.clone(),
+                provider: "AWS".into(),
+                region: Region::new("us-east-1").unwrap(),
+                image_id: ImageId::new("ami-0123456789abcdef0").unwrap(),
+                client_sha: "abc".into(),
+                ip_addr: None,
+                instance_type: "g4dn.2xlarge".into(),
+                remaining_capacity: remaining,
+                status: InstanceStatus::Active,
+                created_at: now,
+                updated_at: now,
+                tls_fingerprint: None,
+            },
+            mandelboxes: statuses
+                .iter()
+                .map(|status| Mandelbox {
+                    id: MandelboxId::random(),
+                    app: "browsers/chrome".into(),
+                    instance_id: id.clone(),
+                    user_id: (*status != MandelboxStatus::Waiting)
+                        .then(|| UserId::new("user").unwrap()),
+                    session_id: None,
+                    status: *status,
+                    created_at: now,
+                    updated_at: now,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn warm_boxes_are_free_capacity_not_users() {
+        // Capacity 3: two warm boxes hold two units, one slot is cold.
+        let warm_only = view(&row(1, &[MandelboxStatus::Waiting; 2]), 3, Utc::now());
+        assert_eq!(warm_only.remaining_capacity, 3);
+        assert_eq!(warm_only.mandelboxes, 0);
+        assert!(
+            !warm_only.has_users(),
+            "a host with only warm boxes may be drained"
+        );
+
+        // One user and one warm box: one slot taken, two free.
+        let mixed = view(
+            &row(1, &[MandelboxStatus::Running, MandelboxStatus::Waiting]),
+            3,
+            Utc::now(),
+        );
+        assert_eq!(mixed.remaining_capacity, 2);
+        assert_eq!(mixed.mandelboxes, 1);
+        assert!(mixed.has_users());
+    }
 }

@@ -53,6 +53,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod assign;
 pub mod client;
 pub mod config;
 pub mod error;

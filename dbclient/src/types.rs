@@ -349,7 +349,7 @@ pub fn parse_inet(text: &str) -> Result<IpAddr, ParseError> {
 }
 
 /// serde for `Option<IpAddr>` columns of type `inet`.
-mod inet_serde {
+pub(crate) mod inet_serde {
     use std::net::IpAddr;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -7,6 +7,8 @@
 
 #[path = "hasura/errors.rs"]
 mod errors;
+#[path = "hasura/functions.rs"]
+mod functions;
 #[path = "hasura/live.rs"]
 mod live;
 #[path = "hasura/mutations.rs"]

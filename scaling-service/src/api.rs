@@ -4,17 +4,17 @@
 //!
 //! The handler authenticates (bearer JWT, `sub` = user), parses the body into an
 //! [`AssignRequest`] and calls [`Assigner::assign`], which tests can drive without HTTP.
-//! Assignment walks the client's regions in its order, picks ACTIVE hosts on the region's
-//! current image with the client's commit that have published their json_transport certificate
-//! fingerprint. It first tries to claim a host's warm (`WAITING`) mandelbox with one guarded
-//! update (`claim_waiting_mandelbox`); where none is free it takes the fullest host first
-//! (bin-packing) and claims a slot with `allocate_mandelbox`: an insert and a capacity decrement
-//! in one transaction. Either way two requests never get the same mandelbox or slot.
+//! Assignment is one database request, `DbClient::assign_mandelbox` (the tracked function
+//! `whist.assign_mandelbox`, one transaction): it checks the user's limit under a per-user lock,
+//! walks the client's regions in its order and, on ACTIVE hosts of the region's current image
+//! with the client's commit that have published their json_transport certificate fingerprint,
+//! claims the oldest warm (`WAITING`) mandelbox, or else a new slot on the fullest host
+//! (bin-packing). Two requests never get the same mandelbox or slot, and a user's concurrent
+//! requests cannot pass the limit together.
 //! The answer carries that fingerprint, so the client can pin the host's certificate. The
 //! region that served (or failed) is asked to re-check its buffer.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +26,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use dbclient::DbClient;
-use dbclient::types::{MandelboxId, MandelboxStatus, NewMandelbox, Region, UserId};
+use dbclient::assign::{AssignOutcome, AssignParams};
+use dbclient::types::{MandelboxId, Region, UserId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -93,134 +94,63 @@ impl Assigner {
         if regions.is_empty() {
             return Err(AssignError::RegionNotEnabled);
         }
-        let unavailable = |error: dbclient::DbError| {
+        let client = format!("{user}/{}", request.session_id.as_deref().unwrap_or(""));
+        let params = AssignParams {
+            provider: PROVIDER,
+            user_id: user,
+            session_id: request.session_id.as_deref(),
+            regions: &regions,
+            client_commit: &request.client_commit_hash,
+            any_commit: self.allow_local_commit && request.client_commit_hash == LOCAL_DEV_COMMIT,
+            mandelbox_limit: u32::try_from(self.mandelboxes_per_user).unwrap_or(u32::MAX),
+            app: APP,
+            new_mandelbox_id: MandelboxId::random(),
+        };
+        let outcome = self.db.assign_mandelbox(&params).await.map_err(|error| {
             tracing::error!(%error, "assign: database");
             AssignError::ServiceUnavailable
+        })?;
+        let refused = match outcome {
+            AssignOutcome::Assigned(assigned) => {
+                if assigned.region != regions[0] {
+                    tracing::warn!(region = %assigned.region, "assigned outside the closest region");
+                }
+                tracing::info!(
+                    region = %assigned.region,
+                    mandelbox.id = %assigned.mandelbox_id,
+                    instance.id = %assigned.instance_id,
+                    warm = assigned.warm,
+                    "assigned"
+                );
+                self.tell(&assigned.region, Event::Assigned { client });
+                return Ok((
+                    assigned.region,
+                    Assignment {
+                        ip: assigned.ip_addr,
+                        mandelbox_id: assigned.mandelbox_id,
+                        tls_fingerprint: Some(assigned.tls_fingerprint),
+                    },
+                ));
+            }
+            AssignOutcome::UserAlreadyActive => return Err(AssignError::UserAlreadyActive),
+            AssignOutcome::CommitHashMismatch => AssignError::CommitHashMismatch,
+            AssignOutcome::NoInstanceAvailable => AssignError::NoInstanceAvailable,
         };
-        let active = self
-            .db
-            .mandelboxes_of_user(user)
-            .await
-            .map_err(unavailable)?
-            .iter()
-            .filter(|m| m.status != MandelboxStatus::Dying)
-            .count();
-        if active >= self.mandelboxes_per_user {
-            return Err(AssignError::UserAlreadyActive);
-        }
-        // Who asked, as the controllers' refusal logs know a client.
-        let client = || format!("{user}/{}", request.session_id.as_deref().unwrap_or(""));
-        let mut mismatch = false;
-        for (rank, region) in regions.iter().enumerate() {
-            let Some(image) = self
-                .db
-                .latest_image(PROVIDER, region)
-                .await
-                .map_err(unavailable)?
-            else {
-                continue;
-            };
-            let wanted_commit =
-                if self.allow_local_commit && request.client_commit_hash == LOCAL_DEV_COMMIT {
-                    image.client_sha.clone()
-                } else {
-                    request.client_commit_hash.clone()
-                };
-            // Warm first: a claimed WAITING box is already running, so the session starts
-            // without a container start. Same fit rules as the cold path below.
-            let warm_hosts = self
-                .db
-                .instances_with_waiting_mandelboxes(region, &image.image_id)
-                .await
-                .map_err(unavailable)?;
-            for warm in &warm_hosts {
-                let Some((ip, tls_fingerprint)) =
-                    fit(&warm.instance, &wanted_commit, &mut mismatch)
-                else {
-                    continue;
-                };
-                for waiting in &warm.mandelboxes {
-                    // None: another request claimed this one first; try the next.
-                    if let Some(mandelbox) = self
-                        .db
-                        .claim_waiting_mandelbox(
-                            &warm.instance.id,
-                            &waiting.id,
-                            user,
-                            request.session_id.as_deref(),
-                        )
-                        .await
-                        .map_err(unavailable)?
-                    {
-                        tracing::info!(%region, mandelbox.id = %mandelbox.id, "assigned a warm mandelbox");
-                        if rank > 0 {
-                            tracing::warn!(%region, "assigned outside the closest region");
-                        }
-                        self.tell(region, Event::Assigned { client: client() });
-                        return Ok((
-                            region.clone(),
-                            Assignment {
-                                ip,
-                                mandelbox_id: mandelbox.id,
-                                tls_fingerprint: Some(tls_fingerprint),
-                            },
-                        ));
-                    }
-                }
-            }
-            let hosts = self
-                .db
-                .instances_with_capacity(region, &image.image_id)
-                .await
-                .map_err(unavailable)?;
-            for host in &hosts {
-                let Some((ip, tls_fingerprint)) = fit(host, &wanted_commit, &mut mismatch) else {
-                    continue;
-                };
-                let new = NewMandelbox {
-                    id: MandelboxId::random(),
-                    app: APP.to_owned(),
-                    instance_id: host.id.clone(),
-                    user_id: Some(user.clone()),
-                    session_id: request.session_id.clone(),
-                    status: MandelboxStatus::Allocated,
-                };
-                // None: another request took the last slot first; try the next host.
-                if let Some(mandelbox) = self
-                    .db
-                    .allocate_mandelbox(&new)
-                    .await
-                    .map_err(unavailable)?
-                {
-                    if rank > 0 {
-                        tracing::warn!(%region, "assigned outside the closest region");
-                    }
-                    self.tell(region, Event::Assigned { client: client() });
-                    return Ok((
-                        region.clone(),
-                        Assignment {
-                            ip,
-                            mandelbox_id: mandelbox.id,
-                            tls_fingerprint: Some(tls_fingerprint),
-                        },
-                    ));
-                }
-            }
-        }
         for (rank, region) in regions.iter().enumerate() {
             // A refused client is demand for its closest region: that is where it should be
             // served, and where the controller counts it as waiting.
-            if rank == 0 && !mismatch {
-                self.tell(region, Event::Refused { client: client() });
+            if rank == 0 && refused == AssignError::NoInstanceAvailable {
+                self.tell(
+                    region,
+                    Event::Refused {
+                        client: client.clone(),
+                    },
+                );
             } else {
                 self.tell(region, Event::CapacityTaken);
             }
         }
-        if mismatch {
-            Err(AssignError::CommitHashMismatch)
-        } else {
-            Err(AssignError::NoInstanceAvailable)
-        }
+        Err(refused)
     }
 
     fn tell(&self, region: &Region, event: Event) {
@@ -228,22 +158,6 @@ impl Assigner {
             let _ = tx.try_send(event);
         }
     }
-}
-
-/// Where a client of `wanted_commit` can be sent on `host`: its address and its certificate
-/// fingerprint. `None` when the commit differs (noted in `mismatch`), the host has no address yet,
-/// or it has not published its json_transport certificate (its client could not pin it; it
-/// publishes right after registering).
-fn fit(
-    host: &dbclient::types::Instance,
-    wanted_commit: &str,
-    mismatch: &mut bool,
-) -> Option<(IpAddr, String)> {
-    if host.client_sha != wanted_commit {
-        *mismatch = true;
-        return None;
-    }
-    Some((host.ip_addr?, host.tls_fingerprint.clone()?))
 }
 
 /// A token bucket shared by every client: over the rate, requests get `429` (and nothing else

@@ -6,6 +6,7 @@
 // A test binary: failing loudly is the point (clippy.toml only exempts `#[test]` functions).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod assign;
 mod errors;
 mod images;
 mod instances;

@@ -9,11 +9,14 @@ use serde::Deserialize;
 use tokio_postgres::Client;
 
 use super::HasuraError;
+use super::function::{Function, TrackedFunction};
 
 /// Every tracked table, in metadata order. Relationships refer to tables by index.
 #[derive(Debug)]
 pub(crate) struct Model {
     pub tables: Vec<Table>,
+    /// Every tracked function, in metadata order.
+    pub functions: Vec<Function>,
 }
 
 #[derive(Debug)]
@@ -118,7 +121,7 @@ pub(crate) fn quote_ident(name: &str) -> String {
 
 /// The GraphQL scalar Hasura uses for a PostgreSQL type (by `pg_type.typname`): the GraphQL
 /// built-ins for the types they match, the PostgreSQL name otherwise.
-fn scalar_for(typname: &str) -> String {
+pub(crate) fn scalar_for(typname: &str) -> String {
     match typname {
         "text" | "varchar" => "String",
         "int4" => "Int",
@@ -162,6 +165,8 @@ struct Metadata {
 struct Source {
     #[serde(default)]
     tables: Vec<TrackedTable>,
+    #[serde(default)]
+    functions: Vec<TrackedFunction>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -174,10 +179,10 @@ struct TrackedTable {
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-struct QualifiedName {
+pub(crate) struct QualifiedName {
     #[serde(default = "public_schema")]
-    schema: String,
-    name: String,
+    pub schema: String,
+    pub name: String,
 }
 
 fn public_schema() -> String {
@@ -244,10 +249,14 @@ const CONSTRAINTS_SQL: &str = "SELECT con.conname::text, con.contype::text, \
 /// the catalogs.
 pub(crate) async fn load(client: &Client, metadata: &str) -> Result<Model, HasuraError> {
     let metadata: Metadata = serde_json::from_str(metadata)?;
+    let mut tracked_functions = Vec::new();
     let tracked: Vec<TrackedTable> = metadata
         .sources
         .into_iter()
-        .flat_map(|s| s.tables)
+        .flat_map(|s| {
+            tracked_functions.extend(s.functions);
+            s.tables
+        })
         .chain(metadata.tables)
         .collect();
 
@@ -381,8 +390,10 @@ pub(crate) async fn load(client: &Client, metadata: &str) -> Result<Model, Hasur
         relationships.sort_by(|a, b| a.name.cmp(&b.name));
         tables.push((entry.table.clone(), relationships));
     }
+    let functions = super::function::load(client, &tracked_functions, find).await?;
 
     Ok(Model {
+        functions,
         tables: tables
             .into_iter()
             .zip(catalog)

@@ -12,12 +12,16 @@
 //!   (installed by [`Hasura::new`] from `devstack/sql/notify.sql`) and every refetch interval.
 //! - `GET /healthz` answers `OK`.
 //!
+//! - Tracked functions that return a tracked table's rows, as queries or mutations (see
+//!   `function.rs`).
+//!
 //! Left out, as our services do not use them: aggregates, `distinct_on`, streaming
 //! subscriptions, nested inserts, permissions other than admin, remote schemas and actions.
 
 mod catalog;
 mod error;
 mod exec;
+mod function;
 mod http;
 mod live;
 mod resolve;
@@ -100,6 +104,8 @@ pub enum HasuraError {
         relationship: String,
         reason: String,
     },
+    #[error("tracked function {function}: {reason}")]
+    Function { function: String, reason: String },
     #[error("could not build the GraphQL schema: {0}")]
     Schema(String),
     #[error("could not create the connection pool: {0}")]

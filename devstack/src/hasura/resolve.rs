@@ -122,6 +122,29 @@ pub(crate) fn select(model: Arc<Model>, table: usize) -> Resolver {
     })
 }
 
+/// A tracked function's field: `<f>(args, where, order_by, limit, offset)`, its rows (in a
+/// mutation, on the request's transaction like every mutation field).
+pub(crate) fn function(model: Arc<Model>, function: usize) -> Resolver {
+    Box::new(move |ctx| {
+        let model = model.clone();
+        FieldFuture::new(async move {
+            guarded(&ctx, async {
+                let path = field_path(&ctx);
+                let statement = sql::select_function(
+                    &model,
+                    &model.functions[function],
+                    arg(&ctx, "args"),
+                    &select_args(&ctx)?,
+                    &path,
+                )?;
+                let rows = session(&ctx)?.rows(&statement, "$").await?;
+                Ok(Some(rows_value(rows)))
+            })
+            .await
+        })
+    })
+}
+
 /// The primary-key condition from per-column arguments (`whist_t_by_pk(id: ...)`).
 fn by_pk_filter<'a>(
     model: &'a Model,

@@ -13,6 +13,7 @@ use async_graphql::dynamic::{
 };
 
 use super::catalog::{Model, RelationshipKind, Table};
+use super::function::ExposedAs;
 use super::resolve::{self, Resolver};
 
 pub(crate) const QUERY_ROOT: &str = "query_root";
@@ -136,6 +137,50 @@ fn select_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
         });
     }
     fields
+}
+
+/// The root field of tracked function `index` and the input object of its arguments.
+fn function_root_field(model: &Arc<Model>, index: usize) -> (RootField, Option<InputObject>) {
+    let f = &model.functions[index];
+    let returns = model.table(f.returns);
+    let mut arguments = select_arguments(returns);
+    let mut args_input = None;
+    if !f.arguments.is_empty() {
+        arguments.insert(
+            0,
+            input(
+                "args",
+                TypeRef::named_nn(f.args_type()),
+                Some(&format!(
+                    "input parameters for function \"{}\"",
+                    f.qualified_name()
+                )),
+            ),
+        );
+        args_input = Some(
+            f.arguments
+                .iter()
+                .fold(InputObject::new(f.args_type()), |object, a| {
+                    object.field(InputValue::new(&a.name, TypeRef::named(&a.scalar)))
+                }),
+        );
+    }
+    let volatility = match f.exposed_as {
+        ExposedAs::Mutation => format!("{} ", f.volatility),
+        ExposedAs::Query => String::new(),
+    };
+    let field = RootField {
+        name: f.gql_name.clone(),
+        ty: TypeRef::named_nn_list_nn(&returns.gql_name),
+        description: format!(
+            "execute {volatility}function \"{}\" which returns \"{}\"",
+            f.qualified_name(),
+            returns.qualified_name()
+        ),
+        arguments,
+        resolver: resolve::function(model.clone(), index),
+    };
+    (field, args_input)
 }
 
 fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
@@ -541,6 +586,18 @@ pub(crate) fn build(model: &Arc<Model>) -> Result<Schema, SchemaError> {
         subscription_fields.extend(select_root_fields(model, index));
         mutation_fields.extend(mutation_root_fields(model, index));
     }
+    for index in 0..model.functions.len() {
+        let exposed_as = model.functions[index].exposed_as;
+        let (field, args_input) = function_root_field(model, index);
+        types.extend(args_input.map(TypeDef::Input));
+        match exposed_as {
+            ExposedAs::Mutation => mutation_fields.push(field),
+            ExposedAs::Query => {
+                subscription_fields.push(function_root_field(model, index).0);
+                query_fields.push(field);
+            }
+        }
+    }
     query_fields.sort_by(|a, b| a.name.cmp(&b.name));
     subscription_fields.sort_by(|a, b| a.name.cmp(&b.name));
     mutation_fields.sort_by(|a, b| a.name.cmp(&b.name));
@@ -562,11 +619,17 @@ pub(crate) fn build(model: &Arc<Model>) -> Result<Schema, SchemaError> {
         .iter()
         .flat_map(|t| t.columns.iter().map(|c| c.scalar.as_str()))
         .collect();
-    // Like Hasura, only the scalars and comparison inputs the columns need: a type no field or
-    // argument reaches would be in the SDL but missing from introspection.
+    // Like Hasura, only the scalars and comparison inputs the columns (and functions' arguments)
+    // need: a type no field or argument reaches would be in the SDL but missing from
+    // introspection.
+    let argument_scalars = model
+        .functions
+        .iter()
+        .flat_map(|f| f.arguments.iter().map(|a| a.scalar.as_str()));
     let scalars: BTreeSet<&str> = column_scalars
         .iter()
         .copied()
+        .chain(argument_scalars)
         .filter(|s| !BUILT_IN_SCALARS.contains(s))
         .collect();
     let comparisons = &column_scalars;

@@ -15,6 +15,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::catalog::{Model, Table, quote_ident};
 use super::error::GqlError;
+use super::function::Function;
 
 mod filter;
 
@@ -163,7 +164,34 @@ pub(crate) fn select(
     join: &JoinValues<'_>,
     path: &str,
 ) -> Result<Statement, GqlError> {
+    let b = Builder::new(model);
+    let from = model.table(table).sql_name();
+    select_from(b, table, from, args, join, path)
+}
+
+/// The rows a tracked function returns (`SELECT ... FROM f(args) AS _0 WHERE ...`), filtered,
+/// ordered and limited like a select of the table whose rows they are.
+pub(crate) fn select_function(
+    model: &Model,
+    function: &Function,
+    call_args: Option<&Value>,
+    args: &SelectArgs<'_>,
+    path: &str,
+) -> Result<Statement, GqlError> {
     let mut b = Builder::new(model);
+    let from = function.call_sql(call_args, |text, sql_type| b.cast(text, sql_type));
+    select_from(b, function.returns, from, args, &Vec::new(), path)
+}
+
+fn select_from(
+    mut b: Builder<'_>,
+    table: usize,
+    from: String,
+    args: &SelectArgs<'_>,
+    join: &JoinValues<'_>,
+    path: &str,
+) -> Result<Statement, GqlError> {
+    let model = b.model;
     let t = model.table(table);
     let alias = b.alias();
     let mut conditions = Vec::new();
@@ -176,8 +204,7 @@ pub(crate) fn select(
         conditions.push(b.filter(table, &alias, filter, &format!("{path}.args.where"))?);
     }
     let mut sql = format!(
-        "SELECT row_to_json({alias})::text FROM {} AS {alias} WHERE {}",
-        t.sql_name(),
+        "SELECT row_to_json({alias})::text FROM {from} AS {alias} WHERE {}",
         and(conditions)
     );
     if let Some(order_by) = args.order_by {
@@ -466,6 +493,7 @@ mod tests {
                     relationships: vec![],
                 },
             ],
+            functions: Vec::new(),
         }
     }
 

@@ -40,7 +40,8 @@ pub struct InstanceRow {
 pub struct MandelboxRow {
     pub id: uuid::Uuid,
     pub instance_id: String,
-    pub user_id: String,
+    /// `None` for a warm (`WAITING`) box.
+    pub user_id: Option<String>,
     pub status: String,
 }
 
@@ -224,6 +225,25 @@ async fn check_into(system: &System, report: &mut Report) -> anyhow::Result<()> 
     for row in &report.instances {
         if !report.moto.contains_key(&row.id) {
             v.push(format!("row {} for an instance EC2 never had", row.id));
+        }
+    }
+    // Capacity is exact: on every ACTIVE host, each unit is free or held by one row (a user's
+    // or a warm box).
+    for row in report.instances.iter().filter(|r| r.status == "ACTIVE") {
+        let held = report
+            .mandelboxes
+            .iter()
+            .filter(|m| m.instance_id == row.id)
+            .count();
+        if usize::try_from(row.remaining_capacity).unwrap_or(usize::MAX) + held
+            != crate::system::HOST_CAPACITY as usize
+        {
+            v.push(format!(
+                "host {} has {} units free and {held} rows, not {} units",
+                row.id,
+                row.remaining_capacity,
+                crate::system::HOST_CAPACITY
+            ));
         }
     }
     for m in &report.mandelboxes {

@@ -92,7 +92,10 @@ async fn instance_rows(sql: &tokio_postgres::Client) -> Vec<Row> {
     .collect()
 }
 
-async fn mandelbox_rows(sql: &tokio_postgres::Client) -> Vec<(uuid::Uuid, String, String, String)> {
+/// `(id, instance, user, status)` of every mandelbox row; warm (`WAITING`) rows have no user.
+async fn mandelbox_rows(
+    sql: &tokio_postgres::Client,
+) -> Vec<(uuid::Uuid, String, Option<String>, String)> {
     sql.query(
         "SELECT id, instance_id, user_id, status FROM whist.mandelboxes ORDER BY id",
         &[],
@@ -153,6 +156,66 @@ fn containers_of(instance_id: &str) -> Vec<(String, String)> {
         .filter_map(|l| l.split_once(' '))
         .map(|(id, state)| (id.to_owned(), state.to_owned()))
         .collect()
+}
+
+/// The rows of `user`'s mandelboxes.
+async fn rows_of_user(
+    sql: &tokio_postgres::Client,
+    user: &str,
+) -> Vec<(uuid::Uuid, String, Option<String>, String)> {
+    let mut rows = mandelbox_rows(sql).await;
+    rows.retain(|r| r.2.as_deref() == Some(user));
+    rows
+}
+
+/// The ids of the warm (`WAITING`) rows on `instance`.
+async fn warm_rows(sql: &tokio_postgres::Client, instance: &str) -> BTreeSet<uuid::Uuid> {
+    mandelbox_rows(sql)
+        .await
+        .into_iter()
+        .filter(|r| r.1 == instance && r.3 == "WAITING")
+        .map(|r| r.0)
+        .collect()
+}
+
+/// The states of the containers of one mandelbox (by its label).
+fn containers_of_mandelbox(id: uuid::Uuid) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.State}}", "--filter"])
+        .arg(format!(
+            "label={}={id}",
+            devstack::invariants::LABEL_MANDELBOX_ID
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker ps failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `instance`'s warm pool is full: every unit of capacity no user holds is a
+/// `WAITING` row with a running container. Returns the warm rows.
+async fn until_pool_full(
+    system: &System,
+    sql: &tokio_postgres::Client,
+    instance: &str,
+    users: usize,
+) -> BTreeSet<uuid::Uuid> {
+    wait_for(system, "the host's warm pool to fill", || async {
+        let warm = warm_rows(sql, instance).await;
+        let row = instance_rows(sql)
+            .await
+            .into_iter()
+            .find(|r| r.id == instance)?;
+        let running = warm
+            .iter()
+            .all(|id| containers_of_mandelbox(*id) == ["running"]);
+        (warm.len() + users == HOST_CAPACITY as usize && row.remaining_capacity == 0 && running)
+            .then_some(warm)
+    })
+    .await
 }
 
 fn active(rows: &[Row]) -> Vec<Row> {
@@ -216,10 +279,12 @@ async fn a_session_from_scale_up_to_scale_down() {
         first.ip.as_deref(),
         Some(first_host.ip.to_string().as_str())
     );
-    assert_eq!(first.remaining_capacity, HOST_CAPACITY as i32);
     assert!(first_host.pid.is_some(), "its host service runs");
+    // The host fills its warm pool: every slot is a WAITING row holding its unit of capacity,
+    // its container started and waiting for a user.
+    let warm = until_pool_full(&system, &sql, &first.id, 0).await;
 
-    // 2. A session: token, assign, json_transport (pinned), connect.
+    // 2. A session: token, assign (a warm box is claimed), json_transport (pinned), connect.
     let client = Client::new(ClientOptions {
         scaling_url: system.scaling_url().to_owned(),
         control_url: Some(system.stack().control_url()),
@@ -236,13 +301,15 @@ async fn a_session_from_scale_up_to_scale_down() {
         .unwrap();
     assert_eq!(assignment.ip.to_string(), first_host.ip.to_string());
     assert_eq!(assignment.tls_fingerprint, first.fingerprint);
-    let mandelboxes = mandelbox_rows(&sql).await;
-    assert_eq!(mandelboxes.len(), 1);
-    assert_eq!(mandelboxes[0].0, assignment.mandelbox_id);
-    assert_eq!(
-        (mandelboxes[0].1.as_str(), mandelboxes[0].2.as_str()),
-        (first.id.as_str(), user)
+    assert!(
+        warm.contains(&assignment.mandelbox_id),
+        "a warm box {warm:?} was claimed, not {}",
+        assignment.mandelbox_id
     );
+    let mine = rows_of_user(&sql, user).await;
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].0, assignment.mandelbox_id);
+    assert_eq!(mine[0].1, first.id);
 
     let settings = SessionOptions::new(user).json_data;
     let answer = client
@@ -261,13 +328,14 @@ async fn a_session_from_scale_up_to_scale_down() {
     // The mandelbox runs: its row RUNNING, its container running on that host, its config
     // written byte for byte.
     wait_for(&system, "the mandelbox row to be RUNNING", || async {
-        let rows = mandelbox_rows(&sql).await;
+        let rows = rows_of_user(&sql, user).await;
         (rows.len() == 1 && rows[0].3 == "RUNNING").then_some(())
     })
     .await;
-    let containers = containers_of(&first.id);
-    assert_eq!(containers.len(), 1, "{containers:?}");
-    assert_eq!(containers[0].1, "running");
+    assert_eq!(
+        containers_of_mandelbox(assignment.mandelbox_id),
+        ["running"]
+    );
     let config = first_host
         .root
         .join(assignment.mandelbox_id.to_string())
@@ -290,11 +358,11 @@ async fn a_session_from_scale_up_to_scale_down() {
     );
     assert_ne!(second.ip, first.ip, "every host has its own address");
 
-    // 4. The client leaves: the mandelbox is torn down (row, container, files) and its slot
-    //    comes back.
+    // 4. The client leaves: the mandelbox is torn down (row, container, files), never reused.
     connection.close().await;
     wait_for(&system, "the mandelbox to be torn down", || async {
-        let gone = mandelbox_rows(&sql).await.is_empty() && containers_of(&first.id).is_empty();
+        let gone = rows_of_user(&sql, user).await.is_empty()
+            && containers_of_mandelbox(assignment.mandelbox_id).is_empty();
         gone.then_some(())
     })
     .await;
@@ -326,7 +394,7 @@ async fn a_session_from_scale_up_to_scale_down() {
     })
     .await;
     assert_eq!(kept.status, "ACTIVE");
-    assert_eq!(kept.remaining_capacity, HOST_CAPACITY as i32);
+    until_pool_full(&system, &sql, &kept.id, 0).await;
     let drained = wait_for(&system, "the drained host to power off", || async {
         system.fleet().host(&gone.id).filter(|h| h.powered_off)
     })
@@ -403,7 +471,10 @@ async fn sequential_short_sessions_launch_at_most_two_hosts() {
         wait_for(
             &system,
             "the session's mandelbox to be torn down",
-            || async { mandelbox_rows(&sql).await.is_empty().then_some(()) },
+            || async {
+                let user = format!("e2e-seq-{n}");
+                rows_of_user(&sql, &user).await.is_empty().then_some(())
+            },
         )
         .await;
     }

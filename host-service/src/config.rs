@@ -71,9 +71,10 @@ pub struct Args {
     #[arg(long, env = "WHIST_PROTOCOL_TIMEOUT", allow_negative_numbers = true)]
     pub protocol_timeout: Option<i64>,
     /// Warm mandelboxes to keep created, started and waiting for a user (`WAITING` rows the
-    /// scaling service claims at assignment); each holds one unit of capacity. 0: none.
-    #[arg(long, env = "WHIST_WARM_MANDELBOXES", default_value_t = 0)]
-    pub warm_mandelboxes: usize,
+    /// scaling service claims at assignment); each holds one unit of capacity. `all` (the
+    /// default): every unit no user holds; 0: none.
+    #[arg(long, env = "WHIST_WARM_MANDELBOXES", default_value = "all", value_parser = parse_warm)]
+    pub warm_mandelboxes: WarmTarget,
     /// How long a drain lets running mandelboxes finish before stopping them.
     #[arg(long, env = "WHIST_DRAIN_DEADLINE", default_value = "10m", value_parser = parse_duration)]
     pub drain_deadline: Duration,
@@ -151,7 +152,7 @@ pub struct Config {
     pub json_transport_timeout: Duration,
     pub ready_timeout: Duration,
     pub protocol_timeout: i64,
-    pub warm_mandelboxes: usize,
+    pub warm_mandelboxes: WarmTarget,
     pub drain_deadline: Duration,
     pub stop_grace: Duration,
     pub poweroff: bool,
@@ -354,6 +355,36 @@ pub fn parse_port_range(text: &str) -> Result<Range<u16>, String> {
 }
 
 /// `500ms`, `20s`, `10m`, `1h` (a bare number is seconds).
+/// How many warm boxes a host keeps (`--warm-mandelboxes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarmTarget {
+    /// Every unit of capacity no user holds.
+    All,
+    /// At most this many (0: the pool is off).
+    AtMost(usize),
+}
+
+impl WarmTarget {
+    /// How many boxes to keep on a host of `capacity` units.
+    pub fn of(self, capacity: usize) -> usize {
+        match self {
+            Self::All => capacity,
+            Self::AtMost(n) => n.min(capacity),
+        }
+    }
+}
+
+/// `all` or a count.
+pub fn parse_warm(text: &str) -> Result<WarmTarget, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("all") {
+        return Ok(WarmTarget::All);
+    }
+    text.parse()
+        .map(WarmTarget::AtMost)
+        .map_err(|_| format!("{text:?}: `all` or a number of mandelboxes expected"))
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -386,13 +417,19 @@ mod tests {
     }
 
     #[test]
-    fn the_warm_pool_is_off_unless_asked_for() {
-        assert_eq!(
-            args(&["--app-env", "localdev"]).unwrap().warm_mandelboxes,
-            0
-        );
+    fn the_warm_pool_takes_all_free_capacity_unless_told_otherwise() {
+        let default = args(&["--app-env", "localdev"]).unwrap().warm_mandelboxes;
+        assert_eq!(default, WarmTarget::All);
+        assert_eq!(default.of(4), 4);
         let c = args(&["--app-env", "localdev", "--warm-mandelboxes", "3"]).unwrap();
-        assert_eq!(c.warm_mandelboxes, 3);
+        assert_eq!(c.warm_mandelboxes, WarmTarget::AtMost(3));
+        assert_eq!(c.warm_mandelboxes.of(2), 2, "never more than the capacity");
+        let off = args(&["--app-env", "localdev", "--warm-mandelboxes", "0"]).unwrap();
+        assert_eq!(off.warm_mandelboxes.of(4), 0);
+        let all = args(&["--app-env", "localdev", "--warm-mandelboxes", "ALL"]).unwrap();
+        assert_eq!(all.warm_mandelboxes, WarmTarget::All);
+        let bad = args(&["--app-env", "localdev", "--warm-mandelboxes", "many"]).unwrap_err();
+        assert!(bad.contains("`all` or a number"), "{bad}");
     }
 
     #[test]

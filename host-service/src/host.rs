@@ -80,6 +80,16 @@ pub struct Host<R> {
     pub(crate) tasks: TaskTracker,
 }
 
+/// How many mandelboxes a host runs at once: `mandelboxes_per_gpu` on each GPU, or
+/// `cpu_host_capacity` without GPUs. Registered as the row's `remaining_capacity`.
+pub fn capacity(config: &Config, gpu_count: usize) -> usize {
+    if gpu_count > 0 {
+        gpu_count * config.mandelboxes_per_gpu
+    } else {
+        config.cpu_host_capacity
+    }
+}
+
 impl<R: ContainerRuntime + Clone + 'static> Host<R> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -271,6 +281,16 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
 
     pub fn live_mandelboxes(&self) -> usize {
         *self.live.borrow()
+    }
+
+    /// Follows [`Host::live_mandelboxes`] (warm boxes included).
+    pub(crate) fn watch_live_mandelboxes(&self) -> watch::Receiver<usize> {
+        self.live.subscribe()
+    }
+
+    /// See [`capacity`].
+    pub fn capacity(&self) -> usize {
+        capacity(&self.config, self.gpu_count)
     }
 
     pub fn is_tracked(&self, id: &MandelboxId) -> bool {

@@ -167,11 +167,7 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         Some(n) => n,
         None => gpus::discover_gpus().count(),
     };
-    let capacity = if gpu_count > 0 {
-        gpu_count * config.mandelboxes_per_gpu
-    } else {
-        config.cpu_host_capacity
-    };
+    let capacity = host::capacity(&config, gpu_count);
     let mut ports =
         ports::PortAllocator::new(config.port_range.clone()).map_err(|e| HostError::Root {
             path: "port range".into(),

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+
 use std::time::{Duration, Instant};
+use tracing::Instrument as _;
 
 use dbclient::DbError;
 use dbclient::types::{Mandelbox, MandelboxId, MandelboxStatus};
@@ -169,9 +171,22 @@ pub async fn run<R: ContainerRuntime + Clone + 'static>(
     handle: Arc<Handle>,
     event_at: Instant,
 ) {
+    // Each task runs in its mandelbox's span, entered on every poll only (a span entered with a
+    // guard across an await leaks into whatever else that thread runs meanwhile).
     match start {
-        Start::Allocated(row) => run_allocated(host, row, handle, event_at).await,
-        Start::Warm { id, prepared } => crate::warm::run(host, id, handle, prepared).await,
+        Start::Allocated(row) => {
+            let span =
+                tracing::info_span!("mandelbox", mandelbox.id = %row.id, user.id = ?row.user_id);
+            run_allocated(host, row, handle, event_at)
+                .instrument(span)
+                .await;
+        }
+        Start::Warm { id, prepared } => {
+            let span = tracing::info_span!("mandelbox", mandelbox.id = %id, warm = true);
+            crate::warm::run(host, id, handle, prepared)
+                .instrument(span)
+                .await;
+        }
         Start::Adopted {
             row,
             id,
@@ -179,29 +194,41 @@ pub async fn run<R: ContainerRuntime + Clone + 'static>(
             allocation,
         } => {
             let span = tracing::info_span!("mandelbox", mandelbox.id = %id);
-            let _enter = span.enter();
-            handle.set_container(container.clone());
-            host.metrics
-                .mandelboxes
-                .with_label_values(&["running"])
-                .inc();
-            let reason = wait_for_exit(&host, &handle, &container).await;
-            host.metrics
-                .mandelboxes
-                .with_label_values(&["running"])
-                .dec();
-            let status = row.map_or(MandelboxStatus::Running, |r| r.status);
-            teardown(
-                &host,
-                id,
-                Some(&allocation),
-                Some(&container),
-                status,
-                reason,
-            )
-            .await;
+            run_adopted(host, row, id, container, allocation, handle)
+                .instrument(span)
+                .await;
         }
     }
+}
+
+async fn run_adopted<R: ContainerRuntime + Clone + 'static>(
+    host: Arc<Host<R>>,
+    row: Option<Mandelbox>,
+    id: MandelboxId,
+    container: ContainerId,
+    allocation: Allocation,
+    handle: Arc<Handle>,
+) {
+    handle.set_container(container.clone());
+    host.metrics
+        .mandelboxes
+        .with_label_values(&["running"])
+        .inc();
+    let reason = wait_for_exit(&host, &handle, &container).await;
+    host.metrics
+        .mandelboxes
+        .with_label_values(&["running"])
+        .dec();
+    let status = row.map_or(MandelboxStatus::Running, |r| r.status);
+    teardown(
+        &host,
+        id,
+        Some(&allocation),
+        Some(&container),
+        status,
+        reason,
+    )
+    .await;
 }
 
 async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
@@ -211,8 +238,6 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
     event_at: Instant,
 ) {
     let id = row.id;
-    let span = tracing::info_span!("mandelbox", mandelbox.id = %id, user.id = ?row.user_id);
-    let _enter = span.enter();
 
     // The guarded claim makes a repeated delivery, or a second host, a no-op. Resolving the
     // image reads nothing the claim protects, so it runs meanwhile.

@@ -86,24 +86,32 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// Keeps `config.warm_mandelboxes` boxes waiting while the host accepts mandelboxes, one spin-up
-/// at a time. Returns on shutdown or drain; does nothing when the pool is off or there is no
+/// Keeps `config.warm_mandelboxes` boxes waiting (by default every unit of capacity no user
+/// holds) while the host accepts mandelboxes, one spin-up at a time: a new box starts whenever
+/// fewer than the target are waiting and a unit is free (a user's mandelbox left, or a warm box
+/// was claimed). Returns on shutdown or drain; does nothing when the pool is off or there is no
 /// database (localdev has no assignment).
 pub async fn keep_warm<R: ContainerRuntime + Clone + 'static>(
     host: Arc<Host<R>>,
     shutdown: CancellationToken,
 ) {
-    let target = host.config.warm_mandelboxes;
+    let capacity = host.capacity();
+    let target = host.config.warm_mandelboxes.of(capacity);
     if target == 0 || host.db.is_none() {
         return;
     }
     let mut failures: u32 = 0;
     let mut waiting = host.warm.waiting.subscribe();
+    let mut live = host.watch_live_mandelboxes();
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = host.warm.stop.cancelled() => return,
-            result = waiting.wait_for(|n| *n < target) => if result.is_err() { return },
+        // Room for one more: fewer than the target waiting, and a unit nobody holds.
+        while *waiting.borrow_and_update() >= target || *live.borrow_and_update() >= capacity {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = host.warm.stop.cancelled() => return,
+                changed = waiting.changed() => if changed.is_err() { return },
+                changed = live.changed() => if changed.is_err() { return },
+            }
         }
         let (tx, rx) = oneshot::channel();
         let id = MandelboxId::random();
@@ -142,8 +150,6 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
     handle: Arc<Handle>,
     prepared: PreparedSender,
 ) {
-    let span = tracing::info_span!("mandelbox", mandelbox.id = %id, warm = true);
-    let _enter = span.enter();
     let Some(db) = host.db.clone() else {
         let _ = prepared.send(false);
         return;

@@ -255,6 +255,9 @@ fn base_config(stack: &TestStack, root: &Path) -> Config {
         &stack.graphql_url(),
         "--admin-secret",
         TEST_ADMIN_SECRET,
+        // The cold path; the warm pool's tests ask for one.
+        "--warm-mandelboxes",
+        "0",
     ])
     .unwrap()
     .validate()
@@ -953,7 +956,7 @@ impl TestHost {
 async fn warm_boxes_wait_with_running_containers_a_claim_serves_its_user_and_the_pool_refills() {
     let t = TestHost::new().await;
     let mut config = t.config();
-    config.warm_mandelboxes = 2;
+    config.warm_mandelboxes = host_service::config::WarmTarget::AtMost(2);
     let (task, host, signals) = t.start(config).await;
     let warm = t.until_warm(2).await;
     assert!(warm.iter().all(|r| r.user_id.is_none()));

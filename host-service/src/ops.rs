@@ -47,6 +47,12 @@ pub struct Metrics {
     pub subscription_up: IntGauge,
     /// 1 while the Docker event stream is open.
     pub docker_events_up: IntGauge,
+    /// Warm boxes being prepared or waiting for a user.
+    pub warm_mandelboxes: IntGauge,
+    /// Seconds from a warm box's start to its waiting state (the pool's refill time).
+    pub warm_prepare_seconds: Histogram,
+    /// Warm boxes claimed by a user.
+    pub warm_claims: IntCounter,
 }
 
 impl Metrics {
@@ -63,8 +69,15 @@ impl Metrics {
         )?;
         let params_ready_seconds = Histogram::with_opts(
             HistogramOpts::new("params_ready_seconds", "Allocation event to .paramsReady")
+                .buckets(buckets.clone()),
+        )?;
+        let warm_prepare_seconds = Histogram::with_opts(
+            HistogramOpts::new("warm_prepare_seconds", "Warm box start to waiting")
                 .buckets(buckets),
         )?;
+        let warm_mandelboxes =
+            IntGauge::new("warm_mandelboxes", "Warm boxes preparing or waiting")?;
+        let warm_claims = IntCounter::new("warm_claims_total", "Warm boxes claimed by a user")?;
         let spinup_failures = IntCounterVec::new(
             Opts::new("spinup_failures_total", "Failed spin-ups by cause"),
             &["cause"],
@@ -94,6 +107,9 @@ impl Metrics {
             Box::new(resources_held.clone()),
             Box::new(subscription_up.clone()),
             Box::new(docker_events_up.clone()),
+            Box::new(warm_mandelboxes.clone()),
+            Box::new(warm_prepare_seconds.clone()),
+            Box::new(warm_claims.clone()),
         ] {
             registry.register(c)?;
         }
@@ -108,6 +124,9 @@ impl Metrics {
             heartbeat_failures,
             resources_held,
             subscription_up,
+            warm_mandelboxes,
+            warm_prepare_seconds,
+            warm_claims,
             docker_events_up,
         })
     }

@@ -71,18 +71,20 @@ impl WarmPool {
         self.stop.cancel();
     }
 
-    fn enter(&self) -> Slot<'_> {
+    fn enter<'a>(&'a self, gauge: &'a prometheus::IntGauge) -> Slot<'a> {
         self.waiting.send_modify(|n| *n += 1);
-        Slot(&self.waiting)
+        gauge.inc();
+        Slot(&self.waiting, gauge)
     }
 }
 
 /// One box's place among the waiting ones; released when it is claimed or gone.
-struct Slot<'a>(&'a watch::Sender<usize>);
+struct Slot<'a>(&'a watch::Sender<usize>, &'a prometheus::IntGauge);
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n = n.saturating_sub(1));
+        self.1.dec();
     }
 }
 
@@ -154,7 +156,7 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
         let _ = prepared.send(false);
         return;
     };
-    let slot = host.warm.enter();
+    let slot = host.warm.enter(&host.metrics.warm_mandelboxes);
     let mut allocation = match host.allocate(id) {
         Ok(allocation) => allocation,
         Err(error) => {
@@ -219,6 +221,9 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
                 return;
             }
         };
+    host.metrics
+        .warm_prepare_seconds
+        .observe(event_at.elapsed().as_secs_f64());
     tracing::info!(
         elapsed_ms = event_at.elapsed().as_millis() as u64,
         "warm box waiting"
@@ -249,6 +254,7 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
         return;
     };
     let claimed_at = Instant::now();
+    host.metrics.warm_claims.inc();
     tracing::info!(user.id = ?claimed.user_id, "warm box claimed");
     let result = claim_and_finish(&host, &claimed, &handle, &allocation, private_key).await;
     mandelbox::run_to_end(

@@ -960,6 +960,8 @@ async fn warm_boxes_wait_with_running_containers_a_claim_serves_its_user_and_the
     let (task, host, signals) = t.start(config).await;
     let warm = t.until_warm(2).await;
     assert!(warm.iter().all(|r| r.user_id.is_none()));
+    assert_eq!(host.metrics.warm_mandelboxes.get(), 2);
+    assert_eq!(host.metrics.warm_prepare_seconds.get_sample_count(), 2);
     // Each WAITING row holds its unit of capacity.
     assert_eq!(t.capacity().await, Some(18 - 2));
     for row in &warm {
@@ -991,6 +993,7 @@ async fn warm_boxes_wait_with_running_containers_a_claim_serves_its_user_and_the
     let row = t.db.mandelbox(&claimed.id).await.unwrap().unwrap();
     assert_eq!(row.status, MandelboxStatus::Running);
     assert_eq!(row.user_id, Some(alice));
+    assert_eq!(host.metrics.warm_claims.get(), 1);
 
     // Refilled at once: two waiting again beside the claimed one.
     let refilled = t.until_warm(2).await;
@@ -1025,6 +1028,7 @@ async fn warm_boxes_wait_with_running_containers_a_claim_serves_its_user_and_the
     );
     t.assert_clean(Some(&host)).await;
     assert_eq!(host.warm.waiting(), 0);
+    assert_eq!(host.metrics.warm_mandelboxes.get(), 0);
     assert_eq!(t.capacity().await, None, "the instance row is deleted");
 }
 

@@ -588,6 +588,28 @@ async fn a_burst_of_assigns_across_three_regions() {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // The burst emptied the warm pools; with the users gone every ACTIVE host fills its pool
+    // again: all its units are warm boxes.
+    let refill = Instant::now();
+    loop {
+        let instances = instance_rows(&h.sql).await.unwrap();
+        let rows = mandelbox_rows(&h.sql).await.unwrap();
+        let full = instances.iter().filter(|i| i.status == "ACTIVE").all(|i| {
+            let warm = rows
+                .iter()
+                .filter(|r| r.instance_id == i.id && r.status == "WAITING")
+                .count();
+            i.remaining_capacity == 0 && warm == HOST_CAPACITY as usize
+        });
+        if full {
+            break;
+        }
+        if refill.elapsed() > DEADLINE {
+            h.dump();
+            panic!("the warm pools never refilled: {instances:?} {rows:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     h.settled().await;
     figures.recovery = started.elapsed();
     figures.notes = format!(

@@ -12,6 +12,7 @@
 //! json_transport forwarding), logging settings (see `--help`). Exit
 //! codes: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on bad configuration.
 
+pub mod admission;
 pub mod algorithm;
 pub mod api;
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod controller;
 pub mod forward;
 pub mod hosts;
 pub mod lease;
+pub mod listener;
 pub mod metrics;
 pub mod region;
 pub mod simulation;
@@ -35,8 +37,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Admission;
 use crate::algorithm::{AlgorithmConfig, mandelbox_capacity};
-use crate::api::{ApiState, Assigner, RateLimiter};
+use crate::api::{ApiState, Assigner};
 use crate::auth::{JwksVerifier, StaticVerifier, TokenVerifier};
 use crate::config::{AuthConfig, CloudConfig};
 use crate::hosts::HostHandler;
@@ -212,7 +215,7 @@ pub async fn run_replica(
             regions: region_events,
         }),
         verifier,
-        limiter: Arc::new(RateLimiter::new(config.assign_rate, config.assign_burst)),
+        admission: Arc::new(Admission::new(config.admission)),
         metrics: metrics.clone(),
         ready,
     };
@@ -225,10 +228,13 @@ pub async fn run_replica(
     let forwarder = Arc::new(forward::Forwarder::new(
         config.json_transport_forward.clone(),
     ));
+    let listener_limits = config.listener;
     tracker.spawn({
         let stop = api_stop.clone();
         async move {
-            if let Err(error) = api::serve_with(listener, api_state, forwarder, stop).await {
+            if let Err(error) =
+                api::serve_limited(listener, api_state, forwarder, listener_limits, stop).await
+            {
                 tracing::error!(%error, "HTTP API stopped");
             }
         }

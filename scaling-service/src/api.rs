@@ -2,7 +2,9 @@
 //! host with its certificate pinned, see [`crate::forward`]), `GET /metrics`, `/healthz`,
 //! `/readyz`.
 //!
-//! The handler authenticates (bearer JWT, `sub` = user), parses the body into an
+//! The handler checks the client address's rate limit, authenticates (bearer JWT, `sub` =
+//! user), checks the user's rate limit ([`crate::admission`]), reads the body (16 KiB within
+//! 10 s) and parses it into an
 //! [`AssignRequest`] and calls [`Assigner::assign`], which tests can drive without HTTP.
 //! Assignment walks the client's regions in its order, picks ACTIVE hosts on the region's
 //! current image with the client's commit that have published their json_transport certificate

@@ -59,6 +59,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "scaling_launches",
         sql: include_str!("../migrations/0004_scaling_launches.sql"),
     },
+    Migration {
+        version: 5,
+        name: "scaling_lease_fencing",
+        sql: include_str!("../migrations/0005_scaling_lease_fencing.sql"),
+    },
 ];
 
 /// The Hasura metadata (the `args` of a `replace_metadata` call) that tracks the `whist` tables

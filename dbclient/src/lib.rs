@@ -56,6 +56,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod fenced;
 pub mod graphql;
 pub mod images;
 pub mod instances;

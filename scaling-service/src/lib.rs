@@ -152,14 +152,18 @@ pub async fn run_replica(
     let regions_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (keeper, leader) = LeaseKeeper::new(db.clone(), lease);
-    tracker.spawn(keeper.run(regions_stop.clone()));
+    // The lease outlives the controllers: their in-flight launches finish (bounded) under it
+    // at shutdown, and only then is it released.
+    let lease_stop = CancellationToken::new();
+    let controllers = TaskTracker::new();
+    tracker.spawn(keeper.run(lease_stop.clone()));
     {
         let mut leader = leader.clone();
         let gauge = metrics.leader.clone();
         let stop = regions_stop.clone();
         tracker.spawn(async move {
             loop {
-                gauge.set(i64::from(*leader.borrow_and_update()));
+                gauge.set(i64::from(leader.borrow_and_update().is_some()));
                 tokio::select! {
                     () = stop.cancelled() => break,
                     changed = leader.changed() => if changed.is_err() { break },
@@ -203,7 +207,7 @@ pub async fn run_replica(
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         region_events.insert(region.clone(), tx.clone());
         senders.push(tx);
-        tracker.spawn(controller.run(rx, regions_stop.clone()));
+        controllers.spawn(controller.run(rx, regions_stop.clone()));
     }
     let (ready_tx, ready) = watch::channel(false);
     let api_state = ApiState {
@@ -275,6 +279,9 @@ pub async fn run_replica(
     }
     api_stop.cancel();
     regions_stop.cancel();
+    controllers.close();
+    controllers.wait().await;
+    lease_stop.cancel();
     tracker.wait().await;
     subscriptions.shutdown().await;
     Ok(())

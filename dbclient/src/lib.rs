@@ -63,6 +63,7 @@ pub mod instances;
 pub mod launches;
 pub mod leases;
 pub mod mandelboxes;
+pub mod release;
 pub mod subscriptions;
 mod tls;
 pub mod types;

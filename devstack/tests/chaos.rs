@@ -1046,8 +1046,12 @@ async fn flood(
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap();
-            let (url, sent, answered, stop) =
-                (url.clone(), sent.clone(), answered_so_far.clone(), stop.clone());
+            let (url, sent, answered, stop) = (
+                url.clone(),
+                sent.clone(),
+                answered_so_far.clone(),
+                stop.clone(),
+            );
             tokio::spawn(async move {
                 let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
                 loop {

@@ -64,6 +64,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "assign_function",
         sql: include_str!("../migrations/0005_assign_function.sql"),
     },
+    Migration {
+        version: 6,
+        name: "scaling_lease_fencing",
+        sql: include_str!("../migrations/0006_scaling_lease_fencing.sql"),
+    },
 ];
 
 /// The Hasura metadata (the `args` of a `replace_metadata` call) that tracks the `whist` tables

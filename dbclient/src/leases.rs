@@ -1,5 +1,9 @@
 //! Leader leases (documents in `graphql/leases.graphql`): replicas of a service share a named
-//! lease row; only its live holder acts.
+//! lease row; only its live holder acts. Expiry is the database's clock (migration 0006), and
+//! every change of holder gives the lease a new generation, the [`crate::fenced::Fence`] its
+//! holder's writes carry.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use graphql_client::GraphQLQuery;
@@ -34,29 +38,33 @@ pub struct Lease {
     pub name: String,
     pub holder: String,
     pub expires_at: DateTime<Utc>,
+    /// Grows every time the lease changes hands.
+    pub generation: i64,
 }
 
 impl DbClient {
-    /// Takes the lease `name` for `holder` until `expires_at`, if it is free, already
-    /// `holder`'s, or expired at `now`. Whether `holder` holds it afterwards. Atomic: of two
-    /// replicas racing for a free or expired lease, exactly one gets `true`.
+    /// Takes the lease `name` for `holder` for `ttl` from the database's now(), if it is free,
+    /// already `holder`'s, or expired by the database's clock. The lease's generation if
+    /// `holder` holds it afterwards (the same while `holder` keeps renewing it). Atomic: of
+    /// two replicas racing for a free or expired lease, exactly one gets it.
     pub async fn acquire_lease(
         &self,
         name: &str,
         holder: &str,
-        now: DateTime<Utc>,
-        expires_at: DateTime<Utc>,
-    ) -> Result<bool, DbError> {
+        ttl: Duration,
+    ) -> Result<Option<i64>, DbError> {
         let variables = acquire_lease::Variables {
             name: name.to_owned(),
             holder: holder.to_owned(),
-            now,
-            expires_at,
+            ttl_ms: i64::try_from(ttl.as_millis())
+                .unwrap_or(i64::from(i32::MAX))
+                .clamp(1, i64::from(i32::MAX)),
         };
         let response = self.execute::<AcquireLease>(variables).await?;
         Ok(response
             .insert_whist_scaling_leases_one
-            .is_some_and(|row| row.holder == holder))
+            .filter(|row| row.holder == holder)
+            .map(|row| row.generation))
     }
 
     /// Gives the lease up if `holder` holds it. Whether it did.
@@ -79,6 +87,7 @@ impl DbClient {
             name: row.name,
             holder: row.holder,
             expires_at: row.expires_at,
+            generation: row.generation,
         }))
     }
 }

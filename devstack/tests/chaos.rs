@@ -1028,3 +1028,199 @@ async fn docker_event_stream_cut() {
     });
     h.system.down().await.unwrap();
 }
+
+/// Assigns each of `tokens` at once; each one's latency, panicking on any refusal (a real user
+/// must be served).
+async fn timed_assigns(h: &Harness, tokens: &[AccessToken]) -> Vec<Duration> {
+    let request = h.client.assign_request(None);
+    let results = futures::future::join_all(tokens.iter().map(|token| async {
+        let started = Instant::now();
+        let result = h.client.assign(token, &request).await;
+        (started.elapsed(), result)
+    }))
+    .await;
+    results
+        .into_iter()
+        .map(|(took, result)| match result {
+            Ok(_) => took,
+            Err(error) => {
+                h.dump();
+                panic!("a real user was not served: {error}");
+            }
+        })
+        .collect()
+}
+
+/// The `q` quantile (nearest rank) of `samples`.
+fn quantile(samples: &[Duration], q: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Anonymous and garbage assign requests as fast as `workers` loops can send them from
+/// `sources` (loopback addresses other than the users'), until `count` are sent or `limit`
+/// passed or `stop`. Returns (sent, answered, answers by status).
+async fn flood(
+    url: String,
+    sources: Vec<std::net::IpAddr>,
+    workers: usize,
+    count: usize,
+    limit: Duration,
+    stop: tokio_util::sync::CancellationToken,
+    answered_so_far: Arc<std::sync::atomic::AtomicUsize>,
+) -> (usize, usize, std::collections::BTreeMap<u16, usize>) {
+    use std::sync::atomic::Ordering;
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|n| {
+            let client = reqwest::Client::builder()
+                .local_address(sources[n % sources.len()])
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let (url, sent, answered, stop) = (
+                url.clone(),
+                sent.clone(),
+                answered_so_far.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+                loop {
+                    let i = sent.fetch_add(1, Ordering::SeqCst);
+                    if i >= count || started.elapsed() > limit || stop.is_cancelled() {
+                        sent.fetch_sub(1, Ordering::SeqCst);
+                        break;
+                    }
+                    let request = client.post(&url);
+                    let request = match i % 3 {
+                        0 => request.body("{}"),
+                        1 => request.bearer_auth("not.a.token").body("garbage"),
+                        _ => request
+                            .header("authorization", format!("Bearer {}", "x".repeat(2048)))
+                            .header("content-type", "application/json")
+                            .body(r#"{"regions": 7}"#),
+                    };
+                    if let Ok(response) = request.send().await {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        *statuses.entry(response.status().as_u16()).or_default() += 1;
+                    }
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for task in tasks {
+        for (status, n) in task.await.unwrap() {
+            *statuses.entry(status).or_default() += n;
+        }
+    }
+    (
+        sent.load(Ordering::SeqCst),
+        answered_so_far.load(Ordering::SeqCst),
+        statuses,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_while_users_assign() {
+    use std::sync::atomic::Ordering;
+    // Full: 10 users (5 hosts) and up to 20,000 junk requests within 30 s; short: 4 users.
+    let (users, count, limit) = if full() {
+        (10usize, 20_000usize, Duration::from_secs(30))
+    } else {
+        (4usize, 3_000usize, Duration::from_secs(10))
+    };
+    let hosts = users.div_ceil(HOST_CAPACITY as usize);
+    let h = up(&["us-east-1"], users as u32, hosts as u32, &[]).await;
+    h.active_hosts(hosts).await;
+    // Without the flood.
+    let mut tokens = Vec::new();
+    for n in 0..users {
+        tokens.push(h.token(&format!("calm-{n}")).await);
+    }
+    let calm = timed_assigns(&h, &tokens).await;
+    // Their mandelboxes are given up on (the clients never come) and the slots come back.
+    let cleanup = Instant::now();
+    while !mandelbox_rows(&h.sql).await.unwrap().is_empty() {
+        assert!(cleanup.elapsed() < DEADLINE, "abandoned assignments stay");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    h.active_hosts(hosts).await;
+    let mut tokens = Vec::new();
+    for n in 0..users {
+        tokens.push(h.token(&format!("flooded-{n}")).await);
+    }
+    // The flood, from four loopback addresses that are not the users' (127.0.0.1).
+    let sources: Vec<std::net::IpAddr> = (66..70)
+        .map(|n| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, n)))
+        .collect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let flooding = tokio::spawn(flood(
+        format!("{}/mandelbox/assign", h.system.scaling_url()),
+        sources,
+        32,
+        count,
+        limit,
+        stop.clone(),
+        answered.clone(),
+    ));
+    // The users come once the flood is under way.
+    while answered.load(Ordering::SeqCst) < count / 10 && started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let flooded = timed_assigns(&h, &tokens).await;
+    let during = answered.load(Ordering::SeqCst);
+    stop.cancel();
+    let (sent, answered, statuses) = flooding.await.unwrap();
+    let flood_took = started.elapsed();
+    assert!(during > 0, "the users were served while the flood ran");
+    assert_eq!(answered, sent, "every junk request got an answer");
+    assert!(
+        statuses.keys().all(|s| *s < 500),
+        "junk gets client errors only: {statuses:?}"
+    );
+    let rows = mandelbox_rows(&h.sql).await.unwrap();
+    assert_eq!(rows.len(), users, "only the real users' mandelboxes");
+    let cleanup = Instant::now();
+    while !mandelbox_rows(&h.sql).await.unwrap().is_empty() {
+        assert!(cleanup.elapsed() < DEADLINE, "abandoned assignments stay");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let settle = h.settled().await;
+    let ms = |d: Duration| d.as_millis();
+    let figures = Figures {
+        scenario: "flood_of_junk_while_users_assign",
+        what: format!(
+            "{sent} anonymous and garbage assign requests from 4 loopback addresses, 32 at a time, while {users} real users assign"
+        ),
+        sent: sent + 2 * users,
+        answered: answered + 2 * users,
+        succeeded: 2 * users,
+        refused: answered,
+        recovery: settle,
+        leaks: 0,
+        notes: format!(
+            "every real user served; their assign p99 {} ms during the flood, {} ms without (p50 {} / {} ms); flood {:.0} requests/s over {:.1} s; junk answers: {}",
+            ms(quantile(&flooded, 0.99)),
+            ms(quantile(&calm, 0.99)),
+            ms(quantile(&flooded, 0.5)),
+            ms(quantile(&calm, 0.5)),
+            sent as f64 / flood_took.as_secs_f64(),
+            flood_took.as_secs_f64(),
+            statuses
+                .iter()
+                .map(|(s, n)| format!("{n}× {s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    record(&figures);
+    h.system.down().await.unwrap();
+}

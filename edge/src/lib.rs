@@ -5,6 +5,7 @@
 //!   its fingerprint, never by a CA);
 //! - [`auth`]: the one JWKS verifier for Auth0 access tokens (scheduled refresh, size limits,
 //!   `use`/`alg` checks, rate-limited refetch on an unknown `kid`) and the bearer-token parser;
+//! - [`limit`]: per-client rate limits and connection caps in bounded memory;
 //! - [`body`] and [`cors`]: request-body limits and the CORS answers of the two JSON edges
 //!   (`PUT /json_transport` on the host and through the scaling service);
 //! - [`assign`] and [`json_transport`]: the wire types of `POST /mandelbox/assign` and of
@@ -20,6 +21,7 @@ pub mod backoff;
 pub mod body;
 pub mod cors;
 pub mod json_transport;
+pub mod limit;
 pub mod pin;
 
 /// `error: cause: cause's cause`, each cause once: many errors already repeat their source in

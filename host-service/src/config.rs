@@ -100,6 +100,14 @@ pub struct Args {
         default_value = "0.0.0.0:4678"
     )]
     pub json_transport_addr: SocketAddr,
+    /// Connections one client address may hold open on the json_transport endpoint (the
+    /// scaling service's forwarder is one address: a host's few mandelboxes need a handful).
+    #[arg(
+        long,
+        env = "WHIST_JSON_TRANSPORT_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = crate::json_transport::server::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS
+    )]
+    pub json_transport_max_connections_per_address: usize,
     /// Issuer (`iss`) of the users' access tokens; its JWKS verifies them. Default: the
     /// environment's Auth0 tenant; in local development none, which turns authentication off.
     #[arg(long, env = "WHIST_AUTH_ISSUER")]
@@ -160,6 +168,7 @@ pub struct Config {
     /// Networks besides loopback that may reach the operations endpoint.
     pub ops_allow: Vec<crate::ops::AllowedNet>,
     pub json_transport_addr: SocketAddr,
+    pub json_transport_max_connections_per_address: usize,
     /// How json_transport requests are authenticated; `None` (local development only): not at all.
     pub auth: Option<crate::json_transport::AuthConfig>,
     pub apparmor_profile: String,
@@ -268,6 +277,8 @@ impl Args {
             ops_addr: self.ops_addr,
             ops_allow: self.ops_allow,
             json_transport_addr: self.json_transport_addr,
+            json_transport_max_connections_per_address: self
+                .json_transport_max_connections_per_address,
             auth,
             apparmor_profile: self.apparmor_profile,
             read_only_rootfs: self.read_only_rootfs,

@@ -329,22 +329,16 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
         self.pairing.submit(request, wait).await
     }
 
-    /// Deletes a mandelbox's row and gives its capacity back, retrying through short database
-    /// outages. The capacity is restored only if this call removed the row, so a retried or
-    /// repeated teardown never adds it twice.
+    /// Deletes a mandelbox's row and gives its capacity back in one atomic write
+    /// ([`DbClient::release_mandelbox`]: both or neither, and exactly once however many
+    /// releases race), retrying through short database outages.
     pub async fn delete_row(&self, id: MandelboxId) {
         let Some(db) = &self.db else { return };
         let deadline = Instant::now() + ROW_DELETE_DEADLINE;
         let mut retries = ROW_DELETE_RETRY.start();
         loop {
-            match db.delete_mandelbox(&id).await {
-                Ok(true) => {
-                    if let Err(error) = db.add_instance_capacity(self.instance_id(), 1).await {
-                        tracing::warn!(%error, mandelbox.id = %id, "row deleted but capacity not restored");
-                    }
-                    return;
-                }
-                Ok(false) => return,
+            match db.release_mandelbox(self.instance_id(), &id).await {
+                Ok(_) => return,
                 Err(error) if error.is_transient() && Instant::now() < deadline => {
                     tracing::debug!(%error, mandelbox.id = %id, "database unavailable; retrying the delete");
                     // ROW_DELETE_RETRY has no deadline (ROW_DELETE_DEADLINE is checked above).
@@ -560,9 +554,29 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
                     _ => age > STALE_ORPHAN,
                 };
                 if stale {
-                    tracing::warn!(mandelbox.id = %row.id, status = %row.status, "removing a stranded row");
-                    self.delete_row(row.id).await;
-                    self.metrics.stale_rows_removed.inc();
+                    // Only the row as seen: a task that took it up since (a spin-up started
+                    // between the listing and now) changed its status or `updated_at`, and
+                    // then nothing is removed.
+                    match db
+                        .release_stranded_mandelbox(
+                            self.instance_id(),
+                            &row.id,
+                            row.status,
+                            row.updated_at,
+                        )
+                        .await
+                    {
+                        Ok(true) => {
+                            tracing::warn!(mandelbox.id = %row.id, status = %row.status, "removed a stranded row");
+                            self.metrics.stale_rows_removed.inc();
+                        }
+                        Ok(false) => {
+                            tracing::debug!(mandelbox.id = %row.id, "a stranded row was taken up or removed meanwhile");
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, mandelbox.id = %row.id, "sweeper cannot remove a row");
+                        }
+                    }
                 }
             }
         }

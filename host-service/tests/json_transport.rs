@@ -1194,6 +1194,150 @@ async fn silent_connections_are_closed_within_the_timeouts() {
     r.stop().await;
 }
 
+/// A TLS connection to `addr` from `local` (any 127/8 address is this machine's), pinning
+/// `fingerprint`; `None` when the server refused it (closed before the handshake completed).
+async fn tls_from(
+    local: Ipv4Addr,
+    addr: &str,
+    fingerprint: &str,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(
+            PinnedVerifier::new(fingerprint, provider()).unwrap(),
+        ))
+        .with_no_client_auth();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(local.into(), 0))
+        .unwrap();
+    let tcp = socket.connect(addr.parse().unwrap()).await.ok()?;
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp);
+    tokio::time::timeout(WAIT, handshake).await.ok()?.ok()
+}
+
+/// Sends `head` (and nothing more) and reads the status line, waiting at most `limit`.
+async fn status_after_head<S>(stream: &mut S, head: &str, limit: Duration) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !response.windows(2).any(|w| w == b"\r\n") {
+        match tokio::time::timeout(limit, stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => response.extend_from_slice(&buffer[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("no answer within {limit:?} to {head:?}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    let t = TestHost::new().await;
+    let mut config = t.config();
+    config.json_transport_max_connections_per_address = 4;
+    let r = t
+        .start_with(
+            config,
+            host_service::docker::FakeRuntime::with_images(["whist/browsers/chrome:current-build"]),
+        )
+        .await;
+    let addr = r.base.trim_start_matches("https://").to_owned();
+    let stranger = Ipv4Addr::new(127, 0, 0, 66);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        match tls_from(stranger, &addr, &r.fingerprint).await {
+            Some(tls) => held.push(tls),
+            None => refused += 1,
+        }
+    }
+    assert_eq!((held.len(), refused), (4, 6));
+    // Everyone else is still served while the stranger holds its four.
+    let health = r.send(r.client.get(format!("{}/healthz", r.base))).await;
+    assert_eq!(health.status, 200);
+    let mut other = tls_from(Ipv4Addr::new(127, 0, 0, 67), &addr, &r.fingerprint)
+        .await
+        .expect("another address is admitted");
+    let status = status_after_head(
+        &mut other,
+        "GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    // A closed connection gives its place back.
+    drop(held.pop());
+    let (addr, fingerprint) = (addr.clone(), r.fingerprint.clone());
+    until("the closed connection's place is free", move || {
+        let (addr, fingerprint) = (addr.clone(), fingerprint.clone());
+        async move { tls_from(stranger, &addr, &fingerprint).await.is_some() }
+    })
+    .await;
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn strangers_get_their_answer_before_any_body_is_read_or_inflated() {
+    let t = TestHost::new().await;
+    let r = t
+        .start_with(
+            t.config(),
+            host_service::docker::FakeRuntime::with_images(["whist/browsers/chrome:current-build"]),
+        )
+        .await;
+    let addr = r.base.trim_start_matches("https://").to_owned();
+    let local = Ipv4Addr::LOCALHOST;
+    // A bad header token with a declared 4 MiB body, none of it sent: refused at once (the
+    // host used to drain the 4 MiB first, waiting for bytes that never come).
+    let mut tls = tls_from(local, &addr, &r.fingerprint).await.unwrap();
+    let status = status_after_head(
+        &mut tls,
+        "PUT /json_transport HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer forged\r\n\
+         content-type: application/json\r\ncontent-length: 4000000\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    // No header token and an oversize declared body: 413 at once, nothing drained.
+    let mut tls = tls_from(local, &addr, &r.fingerprint).await.unwrap();
+    let status = status_after_head(
+        &mut tls,
+        "PUT /json_transport HTTP/1.1\r\nhost: localhost\r\n\
+         content-type: application/json\r\ncontent-length: 4000000\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    // A token in the body is checked before json_data is decoded: a compression bomb with a
+    // forged token is a 401, not a 400 about json_data.
+    let bomb = compressed(&format!("{{\"x\":\"{}\"}}", "a".repeat(4 << 20)));
+    let body = json!({
+        "mandelbox_id": MandelboxId::random(),
+        "json_data": bomb,
+        "jwt_access_token": "forged",
+    });
+    r.put(None, &body)
+        .await
+        .assert_refused(401, "unauthorized", "forged body token");
+    // The same bomb from the real caller is judged on its json_data.
+    let alice = t.jwks.token("alice").unwrap();
+    let mut body = body;
+    body["jwt_access_token"] = alice.into();
+    r.put(None, &body)
+        .await
+        .assert_refused(400, "invalid_request", "bomb from a caller");
+    r.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The OpenAPI description and schemathesis
 

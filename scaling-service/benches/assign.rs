@@ -12,7 +12,8 @@ use chrono::Utc;
 use dbclient::types::{Image, ImageId, InstanceId, InstanceStatus, NewInstance, Region};
 use dbclient::{DbClient, DbConfig};
 use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
-use scaling_service::api::{ApiState, Assigner, RateLimiter, serve};
+use scaling_service::admission::{Admission, AdmissionSettings};
+use scaling_service::api::{ApiState, Assigner, serve};
 use scaling_service::auth::StaticVerifier;
 use scaling_service::metrics::Metrics;
 use scaling_service::region::PROVIDER;
@@ -73,7 +74,7 @@ async fn main() {
             regions: HashMap::new(),
         }),
         verifier: Arc::new(StaticVerifier),
-        limiter: Arc::new(RateLimiter::new(1e9, 1_000_000)),
+        admission: Arc::new(Admission::new(AdmissionSettings::unlimited())),
         metrics: Arc::new(Metrics::new().unwrap()),
         ready,
     };

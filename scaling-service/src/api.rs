@@ -2,7 +2,9 @@
 //! host with its certificate pinned, see [`crate::forward`]), `GET /metrics`, `/healthz`,
 //! `/readyz`.
 //!
-//! The handler authenticates (bearer JWT, `sub` = user), parses the body into an
+//! The handler checks the client address's rate limit, authenticates (bearer JWT, `sub` =
+//! user), checks the user's rate limit ([`crate::admission`]), reads the body (16 KiB within
+//! 10 s) and parses it into an
 //! [`AssignRequest`] and calls [`Assigner::assign`], which tests can drive without HTTP.
 //! Assignment is one database request, `DbClient::assign_mandelbox` (the tracked function
 //! `whist.assign_mandelbox`, one transaction): it checks the user's limit under a per-user lock,
@@ -15,14 +17,14 @@
 //! region that served (or failed) is asked to re-check its buffer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use dbclient::DbClient;
@@ -31,8 +33,12 @@ use dbclient::types::{MandelboxId, Region, UserId};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use edge::body::{self, BodyError, BodyLimits};
+
+use crate::admission::{Admission, Refused};
 use crate::auth::{AuthError, TokenVerifier, bearer_token};
 use crate::forward::Forwarder;
+use crate::listener::ListenerLimits;
 use crate::metrics::Metrics;
 use crate::region::{Event, PROVIDER};
 
@@ -62,9 +68,16 @@ pub const LOCAL_DEV_COMMIT: &str = "local_dev";
 pub const DEFAULT_MANDELBOXES_PER_USER: usize = 3;
 /// The app every assigned mandelbox runs.
 pub const APP: &str = "chrome";
-/// Longest assign body. Enforced while reading (`DefaultBodyLimit` on the route), so a larger
-/// body is never buffered, and answered like any bad input: `413 {error: BAD_REQUEST, message}`.
+/// Longest assign body. Enforced while reading, so a larger body is never buffered, and
+/// answered like any bad input: `413 {error: BAD_REQUEST, message}`.
 const MAX_BODY_BYTES: usize = 16 * 1024;
+/// The body (a few hundred bytes) must arrive within this long once the head has.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_LIMITS: BodyLimits = BodyLimits {
+    max_bytes: MAX_BODY_BYTES,
+    read_timeout: BODY_READ_TIMEOUT,
+    drain_bytes: 0,
+};
 const MAX_REGIONS: usize = 32;
 
 /// Assignment without HTTP.
@@ -160,50 +173,14 @@ impl Assigner {
     }
 }
 
-/// A token bucket shared by every client: over the rate, requests get `429` (and nothing else
-/// happens).
-#[derive(Debug)]
-pub struct RateLimiter {
-    per_second: f64,
-    burst: f64,
-    state: Mutex<(f64, tokio::time::Instant)>,
-}
-
-impl RateLimiter {
-    pub fn new(per_second: f64, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            per_second: per_second.max(0.0),
-            burst,
-            state: Mutex::new((burst, tokio::time::Instant::now())),
-        }
-    }
-
-    /// Takes a token if there is one.
-    pub fn try_acquire(&self) -> bool {
-        let mut state = match self.state.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let now = tokio::time::Instant::now();
-        let refill = now.duration_since(state.1).as_secs_f64() * self.per_second;
-        state.0 = (state.0 + refill).min(self.burst);
-        state.1 = now;
-        if state.0 >= 1.0 {
-            state.0 -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct ApiState {
     pub assigner: Arc<Assigner>,
     pub verifier: Arc<dyn TokenVerifier>,
-    pub limiter: Arc<RateLimiter>,
+    /// Assign's per-address and per-user rate limits.
+    pub admission: Arc<Admission>,
     pub metrics: Arc<Metrics>,
     /// Ready once the subscriptions deliver (and the database answers).
     pub ready: watch::Receiver<bool>,
@@ -217,15 +194,16 @@ fn error(status: StatusCode, code: &str, message: Option<String>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// The body comes as a `Result` so that a refused body (too large, cut short) gets this API's
-/// JSON error, after authentication, instead of axum's plain-text rejection.
-async fn assign(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+/// Rate limits before and after authentication, then the body (bounded in size and time) is
+/// read and parsed: a refused request has read nothing but its head.
+async fn assign(State(state): State<ApiState>, request: Request) -> Response {
     let timer = state.metrics.assign_seconds.start_timer();
-    let (result, response) = assign_inner(&state, &headers, body).await;
+    let (parts, body) = request.into_parts();
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip());
+    let (result, response) = assign_inner(&state, peer, &parts.headers, body).await;
     state
         .metrics
         .assign_requests
@@ -235,16 +213,36 @@ async fn assign(
     response
 }
 
+fn rate_limited(refused: Refused) -> (&'static str, Response) {
+    let limited = refused.limited();
+    let which = match refused {
+        Refused::Address(_) => "too many assign requests from this address",
+        Refused::User(_) => "too many assign requests from this user",
+    };
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "RATE_LIMITED",
+        Some(format!(
+            "{which}; retry in {} s",
+            limited.retry_after_secs()
+        )),
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(limited.retry_after_secs()),
+    );
+    ("RATE_LIMITED", response)
+}
+
 async fn assign_inner(
     state: &ApiState,
+    peer: Option<IpAddr>,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> (&'static str, Response) {
-    if !state.limiter.try_acquire() {
-        return (
-            "RATE_LIMITED",
-            error(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", None),
-        );
+    let client = state.admission.client(peer, headers);
+    if let Err(refused) = state.admission.check_address(client) {
+        return rate_limited(refused);
     }
     let user = match headers.get(header::AUTHORIZATION) {
         None => Err(AuthError::Missing),
@@ -273,25 +271,42 @@ async fn assign_inner(
             );
         }
     };
-    let body = match body {
-        Ok(body) if body.len() <= MAX_BODY_BYTES => body,
-        Err(rejection) if rejection.status() != StatusCode::PAYLOAD_TOO_LARGE => {
-            return (
-                "BAD_REQUEST",
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "BAD_REQUEST",
-                    Some(rejection.body_text()),
-                ),
-            );
-        }
-        _ => {
+    if let Err(refused) = state.admission.check_user(&user) {
+        return rate_limited(refused);
+    }
+    let read = match body::check_declared_length(headers, body, &BODY_LIMITS).await {
+        Ok(body) => body::read_body(body, &BODY_LIMITS).await,
+        Err(error) => Err(error),
+    };
+    let body = match read {
+        Ok(body) => body,
+        Err(BodyError::TooLarge(_)) => {
             return (
                 "BAD_REQUEST",
                 error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "BAD_REQUEST",
                     Some(format!("body too large: at most {MAX_BODY_BYTES} bytes")),
+                ),
+            );
+        }
+        Err(slow @ BodyError::Slow(_)) => {
+            return (
+                "BAD_REQUEST",
+                error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "BAD_REQUEST",
+                    Some(slow.to_string()),
+                ),
+            );
+        }
+        Err(unreadable) => {
+            return (
+                "BAD_REQUEST",
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    Some(unreadable.to_string()),
                 ),
             );
         }
@@ -385,10 +400,7 @@ pub fn router_with(state: ApiState, forwarder: Arc<Forwarder>) -> Router {
         async move { forwarder.handle(&state, &headers, body).await }
     };
     Router::new()
-        .route(
-            "/mandelbox/assign",
-            post(assign).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)),
-        )
+        .route("/mandelbox/assign", post(assign))
         .route(
             "/json_transport",
             put(json_transport).options(crate::forward::preflight),
@@ -415,12 +427,24 @@ pub async fn serve_with(
     forwarder: Arc<Forwarder>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    const DRAIN: Duration = Duration::from_secs(10);
-    let stop = shutdown.clone();
-    let server = axum::serve(listener, router_with(state, forwarder))
-        .with_graceful_shutdown(async move { stop.cancelled().await });
-    tokio::select! {
-        result = server => result,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN).await } => Ok(()),
-    }
+    serve_limited(
+        listener,
+        state,
+        forwarder,
+        ListenerLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_with`] with the listener's connection caps and head timeout.
+pub async fn serve_limited(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    forwarder: Arc<Forwarder>,
+    limits: ListenerLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    crate::listener::serve(listener, router_with(state, forwarder), limits, shutdown).await;
+    Ok(())
 }

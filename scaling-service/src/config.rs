@@ -112,21 +112,42 @@ pub struct Args {
     /// Mandelboxes one user may hold at once.
     #[arg(long, env = "MANDELBOX_LIMIT_PER_USER", default_value_t = 3)]
     pub mandelboxes_per_user: usize,
-    /// Assign requests per second over all clients (token bucket refill).
-    #[arg(long, env = "WHIST_ASSIGN_RATE", default_value_t = 10.0)]
-    pub assign_rate: f64,
-    /// Assign requests accepted in a burst.
-    #[arg(long, env = "WHIST_ASSIGN_BURST", default_value_t = 50)]
-    pub assign_burst: u32,
+    /// Assign requests per second per client address, checked before authentication.
+    #[arg(long, env = "WHIST_ASSIGN_RATE_PER_ADDRESS", default_value_t = crate::admission::DEFAULT_RATE_PER_ADDRESS)]
+    pub assign_rate_per_address: f64,
+    /// Assign requests one client address may send in a burst.
+    #[arg(long, env = "WHIST_ASSIGN_BURST_PER_ADDRESS", default_value_t = crate::admission::DEFAULT_BURST_PER_ADDRESS)]
+    pub assign_burst_per_address: u32,
+    /// Assign requests per second per user, checked after authentication.
+    #[arg(long, env = "WHIST_ASSIGN_RATE_PER_USER", default_value_t = crate::admission::DEFAULT_RATE_PER_USER)]
+    pub assign_rate_per_user: f64,
+    /// Assign requests one user may send in a burst.
+    #[arg(long, env = "WHIST_ASSIGN_BURST_PER_USER", default_value_t = crate::admission::DEFAULT_BURST_PER_USER)]
+    pub assign_burst_per_user: u32,
+    /// Client addresses (and users) each rate limiter remembers; past it the least recently
+    /// seen are forgotten, so memory stays bounded.
+    #[arg(long, env = "WHIST_RATE_LIMIT_KEYS", default_value_t = crate::admission::DEFAULT_KEYS)]
+    pub rate_limit_keys: usize,
+    /// Proxies in front of the API that append the client's address to X-Forwarded-For
+    /// (Heroku's router: 1). 0: the TCP peer is the client and the header is ignored.
+    #[arg(long, env = "WHIST_TRUSTED_PROXIES", default_value_t = 0)]
+    pub trusted_proxies: usize,
+    /// Connections the HTTP API holds open at once.
+    #[arg(long, env = "WHIST_API_MAX_CONNECTIONS", default_value_t = crate::listener::DEFAULT_MAX_CONNECTIONS)]
+    pub api_max_connections: usize,
+    /// Connections one client address may hold open (not applied behind trusted proxies,
+    /// where every peer is a proxy; 0: no cap).
+    #[arg(long, env = "WHIST_API_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = crate::listener::DEFAULT_MAX_CONNECTIONS_PER_ADDRESS)]
+    pub api_max_connections_per_address: usize,
     /// Port of the hosts' json_transport endpoint, where `PUT /json_transport` is forwarded.
     #[arg(long, env = "WHIST_HOST_JSON_TRANSPORT_PORT", default_value_t = crate::forward::DEFAULT_HOST_PORT)]
     pub host_json_transport_port: u16,
-    /// Seconds a forwarded json_transport request may take in all: the host's own wait for the
-    /// mandelbox (90 s by default) plus margin.
+    /// Seconds a forwarded json_transport request may wait for the host's answer before it is
+    /// answered 504 (retry): at most 28, under Heroku's 30 s router timeout.
     #[arg(
         long,
         env = "WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS",
-        default_value_t = 120
+        default_value_t = crate::forward::DEFAULT_TIMEOUT.as_secs()
     )]
     pub host_json_transport_timeout_secs: u64,
     #[command(flatten)]
@@ -190,8 +211,10 @@ pub struct Config {
     pub port: u16,
     pub auth: AuthConfig,
     pub mandelboxes_per_user: usize,
-    pub assign_rate: f64,
-    pub assign_burst: u32,
+    /// Assign's rate limits.
+    pub admission: crate::admission::AdmissionSettings,
+    /// The HTTP API listener's connection caps.
+    pub listener: crate::listener::ListenerLimits,
     pub cloud: CloudConfig,
     /// Where and how long `PUT /json_transport` is forwarded to hosts.
     pub json_transport_forward: crate::forward::ForwardSettings,
@@ -227,6 +250,10 @@ pub enum ConfigError {
     Empty { what: &'static str },
     #[error("{what} must not be 0")]
     Zero { what: &'static str },
+    #[error(
+        "WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS={0}: at most 28 (Heroku's router drops a request with no answer for 30 s)"
+    )]
+    ForwardTimeout(u64),
     #[error("invalid {what} entry {entry:?}: {reason}")]
     PerRegion {
         what: &'static str,
@@ -344,9 +371,58 @@ impl Args {
                 what: "WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS",
             });
         }
+        if self.host_json_transport_timeout_secs > crate::forward::MAX_TIMEOUT.as_secs() {
+            return Err(ConfigError::ForwardTimeout(
+                self.host_json_transport_timeout_secs,
+            ));
+        }
         let json_transport_forward = crate::forward::ForwardSettings {
             port: self.host_json_transport_port,
             timeout: std::time::Duration::from_secs(self.host_json_transport_timeout_secs),
+            ..Default::default()
+        };
+        if self.rate_limit_keys == 0 {
+            return Err(ConfigError::Zero {
+                what: "WHIST_RATE_LIMIT_KEYS",
+            });
+        }
+        if self.api_max_connections == 0 {
+            return Err(ConfigError::Zero {
+                what: "WHIST_API_MAX_CONNECTIONS",
+            });
+        }
+        for (what, rate) in [
+            (
+                "WHIST_ASSIGN_RATE_PER_ADDRESS",
+                self.assign_rate_per_address,
+            ),
+            ("WHIST_ASSIGN_RATE_PER_USER", self.assign_rate_per_user),
+        ] {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(ConfigError::Zero { what });
+            }
+        }
+        let admission = crate::admission::AdmissionSettings {
+            per_address: edge::limit::RateSettings {
+                per_second: self.assign_rate_per_address,
+                burst: self.assign_burst_per_address,
+                capacity: self.rate_limit_keys,
+            },
+            per_user: edge::limit::RateSettings {
+                per_second: self.assign_rate_per_user,
+                burst: self.assign_burst_per_user,
+                capacity: self.rate_limit_keys,
+            },
+            trusted_proxies: self.trusted_proxies,
+        };
+        let listener = crate::listener::ListenerLimits {
+            max_connections: self.api_max_connections,
+            // Behind proxies every peer is a proxy: a per-peer cap would cap everyone.
+            max_connections_per_address: if self.trusted_proxies > 0 {
+                0
+            } else {
+                self.api_max_connections_per_address
+            },
             ..Default::default()
         };
         let auth = match (self.auth_jwks_url, self.auth_audience, self.auth_issuer) {
@@ -366,8 +442,8 @@ impl Args {
             port: self.port,
             auth,
             mandelboxes_per_user: self.mandelboxes_per_user,
-            assign_rate: self.assign_rate,
-            assign_burst: self.assign_burst,
+            admission,
+            listener,
             db,
             regions,
             commit: BUILD_COMMIT.to_owned(),
@@ -488,8 +564,26 @@ mod tests {
         assert_eq!(c.json_transport_forward.port, 4678);
         assert_eq!(
             c.json_transport_forward.timeout,
-            std::time::Duration::from_secs(120)
+            std::time::Duration::from_secs(25)
         );
+        assert_eq!(c.admission.trusted_proxies, 0);
+        assert_eq!(c.listener.max_connections_per_address, 64);
+        let local = [
+            "--app-env",
+            "localdevwithdb",
+            "--graphql-url",
+            "http://127.0.0.1:1/v1/graphql",
+        ];
+        // Past Heroku's router timeout the client would get the router's error, not ours.
+        let mut slow = local.to_vec();
+        slow.extend(["--host-json-transport-timeout-secs", "29"]);
+        assert!(parse(&slow).unwrap_err().contains("at most 28"));
+        // Behind a proxy every peer is the proxy: no per-address connection cap.
+        let mut proxied = local.to_vec();
+        proxied.extend(["--trusted-proxies", "1"]);
+        let c = parse(&proxied).unwrap();
+        assert_eq!(c.admission.trusted_proxies, 1);
+        assert_eq!(c.listener.max_connections_per_address, 0);
         assert!(
             parse(&[
                 "--app-env",

@@ -43,10 +43,18 @@ use crate::auth::AuthError;
 pub const DEFAULT_HOST_PORT: u16 = 4678;
 /// Connecting to a host (TCP and TLS): hosts are in the same cloud, so 5 s means down.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A whole forwarded request: the host answers once the mandelbox is up, which it bounds by
-/// `WHIST_JSON_TRANSPORT_TIMEOUT + WHIST_READY_TIMEOUT + 10 s` (90 s by default); 30 s of
-/// margin.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// A whole forwarded request. Heroku's router drops a request that has had no response for
+/// 30 s (its H12), so the forwarder answers first: after 25 s without the host's answer it
+/// answers `504 {code: host_timeout}` with `Retry-After: 1`, and the client sends the same
+/// request again. The host pairs a repeated request with the one already made (same data:
+/// the same answer), so a mandelbox that takes longer to start (the host bounds it by
+/// `WHIST_JSON_TRANSPORT_TIMEOUT + WHIST_READY_TIMEOUT + 10 s`, 90 s by default) is reached
+/// by a later try.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
+/// The most `WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS` may be: under the router's 30 s.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(28);
+/// Seconds a client should wait before retrying a forward that timed out.
+const TIMEOUT_RETRY_AFTER_SECONDS: &str = "1";
 /// The longest request body, as the host.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// The longest answer relayed from a host (its answers are a few hundred bytes).
@@ -54,7 +62,8 @@ const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 /// The body must arrive within this long once the headers have (as the host).
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// Forwards at once; each may wait up to [`DEFAULT_TIMEOUT`] for its mandelbox. More get 503.
-const MAX_IN_FLIGHT: usize = 1024;
+/// Taken only once the caller is authenticated, so strangers cannot hold them.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECONDS: &str = "5";
 /// How request bodies are read: as the host, but an oversize body is refused at once (the
@@ -73,8 +82,10 @@ pub struct ForwardSettings {
     /// TCP connect to the host.
     pub connect_timeout: Duration,
     /// The whole exchange with the host, answer included
-    /// (`WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS`).
+    /// (`WHIST_HOST_JSON_TRANSPORT_TIMEOUT_SECS`, at most [`MAX_TIMEOUT`]).
     pub timeout: Duration,
+    /// Authenticated forwards at once; more get `503 busy`.
+    pub max_in_flight: usize,
 }
 
 impl Default for ForwardSettings {
@@ -83,6 +94,7 @@ impl Default for ForwardSettings {
             port: DEFAULT_HOST_PORT,
             connect_timeout: CONNECT_TIMEOUT,
             timeout: DEFAULT_TIMEOUT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -192,11 +204,15 @@ impl IntoResponse for Refusal {
         }
         let status = self.status();
         let mut response = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECONDS),
-            );
+        let retry_after = match status {
+            StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
+            StatusCode::GATEWAY_TIMEOUT => Some(TIMEOUT_RETRY_AFTER_SECONDS),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
         }
         with_cors(response)
     }
@@ -219,9 +235,9 @@ impl Default for Forwarder {
 impl Forwarder {
     pub fn new(settings: ForwardSettings) -> Self {
         Self {
+            in_flight: Semaphore::new(settings.max_in_flight.max(1)),
             settings,
             provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-            in_flight: Semaphore::new(MAX_IN_FLIGHT),
         }
     }
 
@@ -251,10 +267,11 @@ impl Forwarder {
         headers: &HeaderMap,
         body: Body,
     ) -> Result<Response, Refusal> {
-        let _permit = self.in_flight.try_acquire().map_err(|_| Refusal::Busy)?;
+        // Before authentication nothing is held but the connection (capped per address and in
+        // total by the listener): a declared oversize body is refused unread, and a token in
+        // the header is checked before the body is read (as the host does), so a stranger's
+        // request costs a signature check, not a megabyte or a forwarding permit.
         let body = body::check_declared_length(headers, body, &BODY_LIMITS).await?;
-        // A token in the header is checked before the body is read (as the host does):
-        // unauthenticated floods cost a signature check, not a megabyte each.
         let mut caller = None;
         if let Some(value) = headers.get(header::AUTHORIZATION) {
             let token = bearer_token(value.as_bytes())
@@ -274,6 +291,7 @@ impl Forwarder {
                 (verify(state, &token).await?, token)
             }
         };
+        let _permit = self.in_flight.try_acquire().map_err(|_| Refusal::Busy)?;
         let id = request.mandelbox_id;
         let target = self.target(state, id, &user).await?;
         let started = Instant::now();
@@ -615,7 +633,7 @@ mod tests {
             let response = refusal.into_response();
             assert_eq!(
                 response.headers().contains_key(header::RETRY_AFTER),
-                status == 503
+                status == 503 || status == 504
             );
             assert_eq!(
                 response.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],

@@ -1,17 +1,24 @@
 //! High availability: replicas of the scaling service share one lease row in the database and
 //! only its live holder acts. [`LeaseKeeper`] takes the lease when it is free, renews it every
-//! `renew_every`, and takes it over once another holder lets it lapse; it publishes whether this
-//! replica leads on a `watch` channel that the region controllers check before every step.
+//! `renew_every`, and takes it over once another holder lets it lapse; it publishes the lease's
+//! [`Fence`] (name and generation) while this replica leads, `None` otherwise, on a `watch`
+//! channel that the region controllers read before every step and that their background tasks
+//! watch: a task of a lost lease is cancelled.
 //!
-//! A replica stops leading as soon as a renewal has not succeeded for `ttl - renew_every` (its
-//! lease may be about to lapse), so two replicas never both believe they lead as long as their
-//! clocks agree to within `renew_every`. The expiry is written with this replica's clock.
+//! Expiry is measured on the database's clock (migration 0006 computes `expires_at` as now() +
+//! ttl and refuses a takeover while the lease is live), so the replicas' clocks do not matter.
+//! A replica stops leading once `ttl - renew_every` has passed since it *sent* its last
+//! successful renewal (the database's expiry is at least `ttl` after that), and a renewal that
+//! hangs past that point counts as failed. A leader that is paused (its keeper cannot run) keeps
+//! believing it leads: every write it makes is fenced by its generation
+//! ([`dbclient::fenced`]), so none lands once another replica has taken the lease over.
 
 use std::time::Duration;
 
-use chrono::Utc;
 use dbclient::DbClient;
+use dbclient::fenced::Fence;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// The lease every scaling-service replica of a deployment competes for.
@@ -47,12 +54,12 @@ impl LeaseSettings {
 pub struct LeaseKeeper {
     db: DbClient,
     settings: LeaseSettings,
-    leader: watch::Sender<bool>,
+    leader: watch::Sender<Option<Fence>>,
 }
 
 impl LeaseKeeper {
-    pub fn new(db: DbClient, settings: LeaseSettings) -> (Self, watch::Receiver<bool>) {
-        let (leader, rx) = watch::channel(false);
+    pub fn new(db: DbClient, settings: LeaseSettings) -> (Self, watch::Receiver<Option<Fence>>) {
+        let (leader, rx) = watch::channel(None);
         (
             Self {
                 db,
@@ -63,40 +70,73 @@ impl LeaseKeeper {
         )
     }
 
-    /// One attempt: takes or renews the lease. Whether this replica leads now.
-    pub async fn try_acquire(&self) -> Result<bool, dbclient::DbError> {
-        let now = Utc::now();
-        let ttl = chrono::Duration::from_std(self.settings.ttl).unwrap_or_default();
-        self.db
-            .acquire_lease(&self.settings.name, &self.settings.holder, now, now + ttl)
-            .await
+    /// One attempt: takes or renews the lease. Its fence if this replica leads now.
+    pub async fn try_acquire(&self) -> Result<Option<Fence>, dbclient::DbError> {
+        let generation = self
+            .db
+            .acquire_lease(
+                &self.settings.name,
+                &self.settings.holder,
+                self.settings.ttl,
+            )
+            .await?;
+        Ok(generation.map(|generation| Fence {
+            name: self.settings.name.clone(),
+            generation,
+        }))
+    }
+
+    fn publish(&self, fence: Option<Fence>) {
+        let holder = &self.settings.holder;
+        self.leader.send_if_modified(|current| {
+            if *current == fence {
+                return false;
+            }
+            match &fence {
+                Some(f) => tracing::info!(%holder, lease.generation = f.generation, "leading"),
+                None => tracing::warn!(%holder, "not leading"),
+            }
+            *current = fence;
+            true
+        });
     }
 
     /// Competes for the lease until `shutdown`; then gives it up if held.
     pub async fn run(self, shutdown: CancellationToken) {
         let safe_for = self.settings.ttl.saturating_sub(self.settings.renew_every);
-        let mut last_success = tokio::time::Instant::now();
+        // While leading: the instant this replica's lease may be about to lapse.
+        let mut leads_until: Option<Instant> = None;
         loop {
-            match self.try_acquire().await {
-                Ok(held) => {
-                    last_success = tokio::time::Instant::now();
-                    if self.leader.send_replace(held) != held {
-                        tracing::info!(holder = %self.settings.holder, leader = held, "leadership changed");
-                    }
+            let sent = Instant::now();
+            // A renewal that hangs past the safe point is a failed one.
+            let deadline = leads_until.unwrap_or(sent + self.settings.ttl);
+            let attempt = tokio::time::timeout_at(deadline, self.try_acquire()).await;
+            match attempt {
+                Ok(Ok(fence)) => {
+                    leads_until = fence.as_ref().map(|_| sent + safe_for);
+                    self.publish(fence);
                 }
-                Err(error) => {
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "lease renewal failed");
-                    if last_success.elapsed() >= safe_for && self.leader.send_replace(false) {
-                        tracing::warn!(holder = %self.settings.holder, "leadership lost: the lease could not be renewed");
-                    }
                 }
+                Err(_) => tracing::warn!("lease renewal did not answer in time"),
             }
+            if leads_until.is_some_and(|t| Instant::now() >= t) {
+                leads_until = None;
+                self.publish(None);
+            }
+            let next = match leads_until {
+                Some(t) => t.min(Instant::now() + self.settings.renew_every),
+                None => Instant::now() + self.settings.renew_every,
+            };
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(self.settings.renew_every) => {}
+                () = tokio::time::sleep_until(next) => {}
             }
         }
-        if self.leader.send_replace(false) {
+        let was_leading = self.leader.borrow().is_some();
+        self.publish(None);
+        if was_leading {
             match self
                 .db
                 .release_lease(&self.settings.name, &self.settings.holder)
@@ -105,6 +145,24 @@ impl LeaseKeeper {
                 Ok(_) => tracing::info!("lease released"),
                 Err(error) => tracing::warn!(%error, "could not release the lease; it lapses"),
             }
+        }
+    }
+}
+
+/// Resolves once `leader` no longer says `fence` (the lease was lost, or taken again under
+/// another generation); never without a `leader` (a controller that runs alone).
+pub async fn lost(leader: Option<watch::Receiver<Option<Fence>>>, fence: Option<Fence>) {
+    let Some(mut leader) = leader else {
+        return std::future::pending().await;
+    };
+    loop {
+        if *leader.borrow_and_update() != fence {
+            return;
+        }
+        if leader.changed().await.is_err() {
+            // The keeper is gone: it published `None` before it went, or it was killed with
+            // its process.
+            return;
         }
     }
 }

@@ -12,6 +12,7 @@
 //! json_transport forwarding), logging settings (see `--help`). Exit
 //! codes: 0 after SIGTERM/SIGINT, 1 on a fatal error, 2 on bad configuration.
 
+pub mod admission;
 pub mod algorithm;
 pub mod api;
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod controller;
 pub mod forward;
 pub mod hosts;
 pub mod lease;
+pub mod listener;
 pub mod metrics;
 pub mod region;
 pub mod simulation;
@@ -35,8 +37,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::Admission;
 use crate::algorithm::{AlgorithmConfig, mandelbox_capacity};
-use crate::api::{ApiState, Assigner, RateLimiter};
+use crate::api::{ApiState, Assigner};
 use crate::auth::{JwksVerifier, StaticVerifier, TokenVerifier};
 use crate::config::{AuthConfig, CloudConfig};
 use crate::hosts::HostHandler;
@@ -149,14 +152,18 @@ pub async fn run_replica(
     let regions_stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (keeper, leader) = LeaseKeeper::new(db.clone(), lease);
-    tracker.spawn(keeper.run(regions_stop.clone()));
+    // The lease outlives the controllers: their in-flight launches finish (bounded) under it
+    // at shutdown, and only then is it released.
+    let lease_stop = CancellationToken::new();
+    let controllers = TaskTracker::new();
+    tracker.spawn(keeper.run(lease_stop.clone()));
     {
         let mut leader = leader.clone();
         let gauge = metrics.leader.clone();
         let stop = regions_stop.clone();
         tracker.spawn(async move {
             loop {
-                gauge.set(i64::from(*leader.borrow_and_update()));
+                gauge.set(i64::from(leader.borrow_and_update().is_some()));
                 tokio::select! {
                     () = stop.cancelled() => break,
                     changed = leader.changed() => if changed.is_err() { break },
@@ -200,7 +207,7 @@ pub async fn run_replica(
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         region_events.insert(region.clone(), tx.clone());
         senders.push(tx);
-        tracker.spawn(controller.run(rx, regions_stop.clone()));
+        controllers.spawn(controller.run(rx, regions_stop.clone()));
     }
     let (ready_tx, ready) = watch::channel(false);
     let api_state = ApiState {
@@ -212,7 +219,7 @@ pub async fn run_replica(
             regions: region_events,
         }),
         verifier,
-        limiter: Arc::new(RateLimiter::new(config.assign_rate, config.assign_burst)),
+        admission: Arc::new(Admission::new(config.admission)),
         metrics: metrics.clone(),
         ready,
     };
@@ -225,10 +232,13 @@ pub async fn run_replica(
     let forwarder = Arc::new(forward::Forwarder::new(
         config.json_transport_forward.clone(),
     ));
+    let listener_limits = config.listener;
     tracker.spawn({
         let stop = api_stop.clone();
         async move {
-            if let Err(error) = api::serve_with(listener, api_state, forwarder, stop).await {
+            if let Err(error) =
+                api::serve_limited(listener, api_state, forwarder, listener_limits, stop).await
+            {
                 tracing::error!(%error, "HTTP API stopped");
             }
         }
@@ -269,6 +279,9 @@ pub async fn run_replica(
     }
     api_stop.cancel();
     regions_stop.cancel();
+    controllers.close();
+    controllers.wait().await;
+    lease_stop.cancel();
     tracker.wait().await;
     subscriptions.shutdown().await;
     Ok(())

@@ -13,6 +13,12 @@
 //! becomes the leader, resumes every record of its region: the launch is idempotent per launch
 //! id, so a process killed between RunInstances and the row insert leaves instances that the
 //! next one adopts instead of terminating them as orphans.
+//!
+//! Under a leader lease ([`crate::lease`]) every write is fenced by the lease's generation
+//! ([`FencedWrites`]) and every cloud call is preceded by a fence check; a launch or
+//! termination task is cancelled as soon as the lease is seen lost, and one that runs on (its
+//! process paused) has its writes refused. A launch cut short that way keeps its record, for
+//! the new leader to resume.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -20,6 +26,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use dbclient::DbClient;
+use dbclient::fenced::Fence;
 use dbclient::launches::{LaunchRecord, NewLaunchRecord};
 use dbclient::types::{Image, ImageId, InstanceId, InstanceStatus, NewInstance, Region};
 use tokio::sync::{mpsc, watch};
@@ -28,6 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::algorithm::{PendingLaunch, ScalingAlgorithm, Snapshot, TerminationReason};
 use crate::controller::demand::RefusalLog;
+use crate::controller::fence::FencedWrites;
 use crate::controller::snapshot::{ControllerState, SnapshotBuilder, report};
 use crate::controller::{PlanExecutor, execute_plan};
 use crate::hosts::{HostHandler, HostInstance, HostState, LaunchRequest};
@@ -134,7 +142,7 @@ pub struct RegionController {
     tasks: TaskTracker,
     done_tx: mpsc::Sender<Done>,
     done_rx: mpsc::Receiver<Done>,
-    leader: Option<watch::Receiver<bool>>,
+    leader: Option<watch::Receiver<Option<Fence>>>,
     metrics: Option<Arc<Metrics>>,
     /// The region's launch records must be loaded (and resumed) before the next plan: at start
     /// and whenever this replica has not been the leader.
@@ -176,15 +184,47 @@ impl RegionController {
         self
     }
 
-    /// Acts only while `leader` says so (high availability: see [`crate::lease`]).
-    pub fn with_leader(mut self, leader: watch::Receiver<bool>) -> Self {
+    /// Acts only while `leader` holds a fence, and fences every write with it (high
+    /// availability: see [`crate::lease`]).
+    pub fn with_leader(mut self, leader: watch::Receiver<Option<Fence>>) -> Self {
         self.leader = Some(leader);
         self
     }
 
     /// Whether this replica may act.
     pub fn is_leader(&self) -> bool {
-        self.leader.as_ref().is_none_or(|l| *l.borrow())
+        self.leader.as_ref().is_none_or(|l| l.borrow().is_some())
+    }
+
+    /// The lease this replica acts under now (`None` without a lease).
+    fn fence(&self) -> Option<Fence> {
+        self.leader.as_ref().and_then(|l| l.borrow().clone())
+    }
+
+    /// The database writes of this step, fenced by the current lease.
+    fn writes(&self) -> FencedWrites {
+        FencedWrites {
+            db: self.shared.db.clone(),
+            fence: self.fence(),
+        }
+    }
+
+    /// Runs `work` as a tracked task that is cancelled (answering [`ExecError::LeaseLost`]) as
+    /// soon as the lease it was started under is seen lost.
+    fn spawn_fenced<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, ExecError>> + Send + 'static,
+        report: impl FnOnce(Result<T, ExecError>) -> Done + Send + 'static,
+    ) {
+        let lost = crate::lease::lost(self.leader.clone(), self.fence());
+        let done = self.done_tx.clone();
+        self.tasks.spawn(async move {
+            let result = tokio::select! {
+                result = work => result,
+                () = lost => Err(ExecError::LeaseLost),
+            };
+            let _ = done.send(report(result)).await;
+        });
     }
 
     pub fn region(&self) -> &Region {
@@ -369,12 +409,12 @@ impl RegionController {
             },
         );
         let shared = self.shared.clone();
-        let done = self.done_tx.clone();
-        self.tasks.spawn(async move {
-            let launch_id = record.launch_id.clone();
-            let result = run_recorded_launch(&shared, &record, resumed).await;
-            let _ = done.send(Done::Launch { launch_id, result }).await;
-        });
+        let writes = self.writes();
+        let launch_id = record.launch_id.clone();
+        self.spawn_fenced(
+            async move { run_recorded_launch(&shared, &writes, &record, resumed).await },
+            move |result| Done::Launch { launch_id, result },
+        );
     }
 
     /// Loads the region's launch records and resumes, as pending launches, those this
@@ -434,6 +474,7 @@ impl RegionController {
                     .inc_by(orphans.len() as u64);
             }
             tracing::warn!(region = %settings.region, count = orphans.len(), "terminating orphan instances");
+            self.writes().check().await?;
             self.shared.hosts.terminate(&orphans).await?;
         }
         let alive: HashSet<&InstanceId> = managed
@@ -446,7 +487,7 @@ impl RegionController {
             let i = &row.instance;
             if !alive.contains(&i.id) && !self.busy.contains(&i.id) && now - i.created_at > grace {
                 tracing::warn!(region = %settings.region, instance.id = %i.id, "row without an instance: removed");
-                if self.shared.db.delete_instance(&i.id).await? {
+                if self.writes().delete_instance(&i.id).await? {
                     removed += 1;
                 }
             }
@@ -465,8 +506,7 @@ impl PlanExecutor for RegionController {
         // instead of launching again. No record, no launch.
         let settings = &self.shared.settings;
         let record = self
-            .shared
-            .db
+            .writes()
             .insert_launch_record(&NewLaunchRecord {
                 launch_id: format!("{}-{}", region, uuid_like()),
                 region: region.clone(),
@@ -483,8 +523,7 @@ impl PlanExecutor for RegionController {
 
     async fn drain(&mut self, instance: InstanceId) -> Result<(), ExecError> {
         let drained = self
-            .shared
-            .db
+            .writes()
             .transition_instance_status(&instance, InstanceStatus::Active, InstanceStatus::Draining)
             .await?;
         tracing::info!(region = %self.region(), instance.id = %instance, drained, "drain");
@@ -505,24 +544,24 @@ impl PlanExecutor for RegionController {
         tracing::info!(%region, instance.id = %instance, reason = reason.as_str(), "terminating");
         self.busy.insert(instance.clone());
         let shared = self.shared.clone();
-        let done = self.done_tx.clone();
-        self.tasks.spawn(async move {
-            let result = run_termination(&shared, &instance).await;
-            let _ = done.send(Done::Termination { instance, result }).await;
-        });
+        let writes = self.writes();
+        let id = instance.clone();
+        self.spawn_fenced(
+            async move { run_termination(&shared, &writes, &id).await },
+            move |result| Done::Termination { instance, result },
+        );
         Ok(())
     }
 
     async fn delete_row(&mut self, instance: InstanceId) -> Result<(), ExecError> {
-        self.shared.db.delete_instance(&instance).await?;
+        self.writes().delete_instance(&instance).await?;
         Ok(())
     }
 
     async fn swap_image(&mut self, image_id: ImageId) -> Result<(), ExecError> {
         let region = self.shared.settings.region.clone();
         tracing::info!(%region, image = %image_id, "image row swapped");
-        self.shared
-            .db
+        self.writes()
             .upsert_image(&Image {
                 provider: PROVIDER.to_owned(),
                 region,
@@ -551,11 +590,16 @@ fn uuid_like() -> String {
 /// reconciliation as orphans). A record that cannot be deleted stays and is resumed again.
 async fn run_recorded_launch(
     shared: &Shared,
+    writes: &FencedWrites,
     record: &LaunchRecord,
     resumed: bool,
 ) -> Result<usize, ExecError> {
-    let result = run_launch(shared, record, resumed).await;
-    if let Err(error) = shared.db.delete_launch_record(&record.launch_id).await {
+    let result = run_launch(shared, writes, record, resumed).await;
+    if matches!(result, Err(ExecError::LeaseLost)) {
+        // The record is the new leader's to resume: it adopts what this launch started.
+        return result;
+    }
+    if let Err(error) = writes.delete_launch_record(&record.launch_id).await {
         // Harmless: resuming it later finds its instances with rows (or gone) and deletes it.
         tracing::warn!(region = %record.region, launch.id = %record.launch_id, %error, "could not delete the launch record; it will be resumed");
     }
@@ -572,6 +616,7 @@ async fn run_recorded_launch(
 /// and only those without a row get one; rows that exist are left as they are.
 async fn run_launch(
     shared: &Shared,
+    writes: &FencedWrites,
     record: &LaunchRecord,
     resumed: bool,
 ) -> Result<usize, ExecError> {
@@ -586,6 +631,7 @@ async fn run_launch(
     if resumed && !resume_needs_launch(shared, record).await? {
         return Ok(0);
     }
+    writes.check().await?;
     let launched = shared.hosts.launch(&request).await?;
     let with_rows: HashSet<InstanceId> = if resumed {
         shared
@@ -627,15 +673,19 @@ async fn run_launch(
             .collect();
         if resumed {
             // Rows inserted meanwhile (another replica resuming the same record) are kept.
-            shared.db.insert_launched_instances(&rows).await?;
+            writes.insert_launched_instances(&rows).await?;
         } else {
             // All or nothing: a fresh launch's ids cannot have rows yet.
-            shared.db.insert_instances(&rows).await?;
+            writes.insert_instances(&rows).await?;
         }
         Ok::<_, ExecError>(())
     }
     .await;
     if let Err(error) = result {
+        if matches!(error, ExecError::LeaseLost) {
+            // Not ours to clean up any more: the new leader resumes the record and adopts them.
+            return Err(error);
+        }
         // Only instances without a row: one with a row may already serve users.
         if !ids.is_empty()
             && let Err(cleanup) = shared.hosts.terminate(&ids).await
@@ -683,13 +733,18 @@ async fn resume_needs_launch(shared: &Shared, record: &LaunchRecord) -> Result<b
 }
 
 /// Terminate, verify `terminated`, remove the row.
-async fn run_termination(shared: &Shared, instance: &InstanceId) -> Result<(), ExecError> {
+async fn run_termination(
+    shared: &Shared,
+    writes: &FencedWrites,
+    instance: &InstanceId,
+) -> Result<(), ExecError> {
     let ids = std::slice::from_ref(instance);
+    writes.check().await?;
     shared.hosts.terminate(ids).await?;
     shared
         .hosts
         .wait_terminated(ids, shared.settings.wait_terminated)
         .await?;
-    shared.db.delete_instance(instance).await?;
+    writes.delete_instance(instance).await?;
     Ok(())
 }

@@ -12,7 +12,8 @@ use chrono::Utc;
 use dbclient::types::{Image, ImageId, InstanceId, InstanceStatus, NewInstance, Region};
 use dbclient::{DbClient, DbConfig};
 use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
-use scaling_service::api::{ApiState, Assigner, RateLimiter, serve};
+use scaling_service::admission::{Admission, AdmissionSettings};
+use scaling_service::api::{ApiState, Assigner, serve};
 use scaling_service::auth::StaticVerifier;
 use scaling_service::metrics::Metrics;
 use scaling_service::region::PROVIDER;
@@ -39,7 +40,7 @@ fn fingerprint(n: u32) -> String {
 
 /// `hosts` ACTIVE hosts with 2 slots each on the current image of us-east-1 (commit `abc`),
 /// each with its json_transport fingerprint published ([`fingerprint`]).
-async fn fixture(hosts: u32, limiter: RateLimiter) -> Fixture {
+async fn fixture(hosts: u32, admission: AdmissionSettings) -> Fixture {
     let stack = TestStack::start().await.unwrap();
     let db = DbClient::new(
         &DbConfig::new(
@@ -94,7 +95,7 @@ async fn fixture(hosts: u32, limiter: RateLimiter) -> Fixture {
             regions: HashMap::new(),
         }),
         verifier: Arc::new(StaticVerifier),
-        limiter: Arc::new(limiter),
+        admission: Arc::new(Admission::new(admission)),
         metrics: metrics.clone(),
         ready,
     };
@@ -136,7 +137,7 @@ const BODY: &str = r#"{"regions":["us-east-1"],"client_commit_hash":"abc","versi
 
 #[tokio::test]
 async fn fifty_concurrent_assigns_against_twenty_slots_get_twenty_mandelboxes_and_thirty_503s() {
-    let fx = fixture(10, RateLimiter::new(1000.0, 1000)).await;
+    let fx = fixture(10, AdmissionSettings::unlimited()).await;
     let client = reqwest::Client::new();
     let answers = futures::future::join_all((0..50).map(|n| {
         let client = client.clone();
@@ -171,7 +172,7 @@ async fn fifty_concurrent_assigns_against_twenty_slots_get_twenty_mandelboxes_an
 
 #[tokio::test]
 async fn errors_are_clean_json() {
-    let fx = fixture(1, RateLimiter::new(1000.0, 1000)).await;
+    let fx = fixture(1, AdmissionSettings::unlimited()).await;
     let c = reqwest::Client::new();
     let (s, b) = post(&c, &fx, None, BODY).await;
     assert_eq!((s, b["error"].as_str()), (401, Some("UNAUTHORIZED")));
@@ -225,7 +226,7 @@ async fn errors_are_clean_json() {
 
 #[tokio::test]
 async fn the_answer_pins_the_hosts_certificate_and_hosts_without_a_fingerprint_are_not_ready() {
-    let fx = fixture(0, RateLimiter::new(1000.0, 1000)).await;
+    let fx = fixture(0, AdmissionSettings::unlimited()).await;
     let c = reqwest::Client::new();
     let east = Region::new("us-east-1").unwrap();
     let id = InstanceId::new("i-0booting00000000").unwrap();
@@ -280,20 +281,87 @@ async fn the_answer_pins_the_hosts_certificate_and_hosts_without_a_fingerprint_a
     assert!(!old.mandelbox_id.is_empty());
 }
 
+/// A client whose connections come from `ip` (any 127/8 address is this machine's).
+fn client_from(ip: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(IpAddr::V4(Ipv4Addr::from(ip)))
+        .build()
+        .unwrap()
+}
+
+fn limit(per_second: f64, burst: u32) -> edge::limit::RateSettings {
+    edge::limit::RateSettings {
+        per_second,
+        burst,
+        capacity: 1024,
+    }
+}
+
+async fn post_raw(
+    client: &reqwest::Client,
+    fx: &Fixture,
+    token: Option<&str>,
+    forwarded_for: Option<&str>,
+) -> reqwest::Response {
+    let mut request = client
+        .post(format!("{}/mandelbox/assign", fx.url))
+        .header("content-type", "application/json")
+        .body(BODY);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(hops) = forwarded_for {
+        request = request.header("x-forwarded-for", hops);
+    }
+    request.send().await.unwrap()
+}
+
 #[tokio::test]
-async fn the_rate_limit_really_rejects() {
-    let fx = fixture(1, RateLimiter::new(0.0, 2)).await;
-    let c = reqwest::Client::new();
-    assert_eq!(post(&c, &fx, Some("user:a"), BODY).await.0, 200);
-    assert_eq!(post(&c, &fx, Some("user:b"), BODY).await.0, 200);
-    let (s, b) = post(&c, &fx, Some("user:c"), BODY).await;
-    assert_eq!((s, b["error"].as_str()), (429, Some("RATE_LIMITED")));
-    // Rejected means untouched: still exactly two mandelboxes.
+async fn anonymous_junk_from_one_address_never_rate_limits_users_at_other_addresses() {
+    let fx = fixture(
+        2,
+        AdmissionSettings {
+            per_address: limit(0.001, 3),
+            ..AdmissionSettings::unlimited()
+        },
+    )
+    .await;
+    let stranger = client_from([127, 0, 0, 66]);
+    for _ in 0..3 {
+        let r = post_raw(&stranger, &fx, None, None).await;
+        assert_eq!(r.status(), 401);
+    }
+    // Past its burst the stranger gets 429 with a JSON body and Retry-After, before its
+    // (missing) token is even looked at.
+    for _ in 0..20 {
+        let r = post_raw(&stranger, &fx, None, None).await;
+        assert_eq!(r.status(), 429);
+        let retry_after: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 1);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "RATE_LIMITED");
+    }
+    // Real users elsewhere are served as if nothing happened (on a global bucket they got 429).
+    for (n, user) in ["user:a", "user:b", "user:c"].iter().enumerate() {
+        let client = client_from([127, 0, 1, n as u8 + 1]);
+        let (s, b) = {
+            let r = post_raw(&client, &fx, Some(user), None).await;
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        };
+        assert_eq!(s, 200, "{user}: {b}");
+    }
+    // Refused means untouched: exactly the three users' mandelboxes.
     let east = Region::new("us-east-1").unwrap();
     let rows = fx.db.instances_in_region(&east).await.unwrap();
-    assert_eq!(rows[0].mandelboxes.len(), 2);
-    let health = reqwest::get(format!("{}/healthz", fx.url)).await.unwrap();
-    assert_eq!(health.status(), 200);
+    let boxes: usize = rows.iter().map(|r| r.mandelboxes.len()).sum();
+    assert_eq!(boxes, 3);
     let metrics = reqwest::get(format!("{}/metrics", fx.url))
         .await
         .unwrap()
@@ -301,6 +369,66 @@ async fn the_rate_limit_really_rejects() {
         .await
         .unwrap();
     assert!(metrics.contains("whist_scaling_assign_seconds"));
+}
+
+#[tokio::test]
+async fn one_user_from_many_addresses_is_limited_after_authentication() {
+    let fx = fixture(
+        3,
+        AdmissionSettings {
+            per_user: limit(0.001, 2),
+            ..AdmissionSettings::unlimited()
+        },
+    )
+    .await;
+    for n in 0..2u8 {
+        let r = post_raw(
+            &client_from([127, 0, 2, n + 1]),
+            &fx,
+            Some("user:greedy"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    let r = post_raw(&client_from([127, 0, 2, 9]), &fx, Some("user:greedy"), None).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "RATE_LIMITED");
+    assert!(body["message"].as_str().unwrap().contains("user"), "{body}");
+    // Another user on the same address is not affected.
+    let r = post_raw(&client_from([127, 0, 2, 9]), &fx, Some("user:other"), None).await;
+    assert_eq!(r.status(), 200);
+    let east = Region::new("us-east-1").unwrap();
+    let rows = fx.db.instances_in_region(&east).await.unwrap();
+    let boxes: usize = rows.iter().map(|r| r.mandelboxes.len()).sum();
+    assert_eq!(boxes, 3);
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_clients_are_told_apart_by_the_hop_it_appended() {
+    let fx = fixture(
+        2,
+        AdmissionSettings {
+            per_address: limit(0.001, 1),
+            trusted_proxies: 1,
+            ..AdmissionSettings::unlimited()
+        },
+    )
+    .await;
+    // Every request comes from one peer (the "router"); the stranger forges a left-most hop
+    // each time, but the right-most one is what the router saw.
+    let router = client_from([127, 0, 3, 1]);
+    let first = post_raw(&router, &fx, None, Some("1.1.1.1, 6.6.6.6")).await;
+    assert_eq!(first.status(), 401);
+    for forged in ["2.2.2.2", "3.3.3.3", "4.4.4.4"] {
+        let hops = format!("{forged}, 6.6.6.6");
+        let r = post_raw(&router, &fx, None, Some(&hops)).await;
+        assert_eq!(r.status(), 429, "forged {forged}");
+    }
+    let user = post_raw(&router, &fx, Some("user:behind"), Some("5.5.5.5")).await;
+    assert_eq!(user.status(), 200);
 }
 
 fn host(n: u32) -> InstanceId {
@@ -326,7 +454,7 @@ async fn insert_warm(fx: &Fixture, on: &InstanceId) -> dbclient::types::Mandelbo
 
 #[tokio::test]
 async fn assign_claims_a_warm_mandelbox_before_taking_a_cold_slot() {
-    let fx = fixture(2, RateLimiter::new(1000.0, 1000)).await;
+    let fx = fixture(2, AdmissionSettings::unlimited()).await;
     let warm = insert_warm(&fx, &host(1)).await;
     let client = reqwest::Client::new();
     let (status, body) = post(&client, &fx, Some("user:alice"), BODY).await;
@@ -347,7 +475,7 @@ async fn assign_claims_a_warm_mandelbox_before_taking_a_cold_slot() {
 
 #[tokio::test]
 async fn concurrent_assigns_claim_each_warm_mandelbox_once_and_then_fall_back_to_cold_slots() {
-    let fx = fixture(3, RateLimiter::new(1000.0, 1000)).await;
+    let fx = fixture(3, AdmissionSettings::unlimited()).await;
     let warm: HashSet<String> = [
         insert_warm(&fx, &host(1)).await,
         insert_warm(&fx, &host(1)).await,

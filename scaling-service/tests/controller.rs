@@ -465,14 +465,23 @@ async fn a_controller_that_becomes_leader_resumes_the_launches_left_behind() {
     let db = db(&stack);
     let east = region("us-east-1");
     let fake = Arc::new(FakeHostHandler::new(east.clone()));
-    let (leader, is_leader) = tokio::sync::watch::channel(true);
+    let generation = db
+        .acquire_lease("test", "c", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let fence = dbclient::fenced::Fence {
+        name: "test".to_owned(),
+        generation,
+    };
+    let (leader, is_leader) = tokio::sync::watch::channel(Some(fence.clone()));
     let mut c = controller(&db, &fake, "ami-a", buffer(0)).with_leader(is_leader);
     c.step().await;
     // It loses the lease; the new leader dies half-way through a launch; it takes the lease back.
-    leader.send_replace(false);
+    leader.send_replace(None);
     c.step().await;
     let (_, launched) = crashed_launch(&db, &fake, "us-east-1-other-replica", 1).await;
-    leader.send_replace(true);
+    leader.send_replace(Some(fence));
     c.step().await;
     assert_eq!(c.pending_launches(), 1);
     c.settle().await;

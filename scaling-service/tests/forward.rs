@@ -23,7 +23,8 @@ use dbclient::types::{
 use dbclient::{DbClient, DbConfig};
 use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use scaling_service::api::{ApiState, Assigner, RateLimiter, serve_with};
+use scaling_service::admission::{Admission, AdmissionSettings};
+use scaling_service::api::{ApiState, Assigner, serve_with};
 use scaling_service::auth::StaticVerifier;
 use scaling_service::forward::{ForwardSettings, Forwarder, fingerprint_of};
 use scaling_service::metrics::Metrics;
@@ -101,6 +102,8 @@ struct Received {
 struct FakeHost {
     received: Arc<Mutex<Vec<Received>>>,
     answer: Arc<Mutex<(StatusCode, Value)>>,
+    /// Never answer (a mandelbox that takes longer to start than the router waits).
+    hang: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeHost {
@@ -150,6 +153,9 @@ async fn host_handler(
             .map(|v| v.to_str().unwrap().to_owned()),
         body: body.into_bytes(),
     });
+    if host.hang.load(std::sync::atomic::Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     let (status, body) = host.answer.lock().unwrap().clone();
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -167,6 +173,7 @@ async fn start_host(config: rustls::ServerConfig, answer: (StatusCode, Value)) -
     let host = FakeHost {
         received: Arc::default(),
         answer: Arc::new(Mutex::new(answer)),
+        hang: Arc::default(),
     };
     let app = axum::Router::new()
         .route("/json_transport", put(host_handler))
@@ -210,6 +217,15 @@ impl Drop for Fixture {
 /// One ACTIVE instance at 127.0.0.1 that published `fingerprint` (none: not yet), with an
 /// ALLOCATED mandelbox of alice's; the scaling service's API forwarding to `host_port`.
 async fn fixture(fingerprint: Option<&str>, host_port: u16) -> Fixture {
+    fixture_with_timeout(fingerprint, host_port, Duration::from_secs(20)).await
+}
+
+/// [`fixture`], the forwarder waiting at most `timeout` for the host's answer.
+async fn fixture_with_timeout(
+    fingerprint: Option<&str>,
+    host_port: u16,
+    timeout: Duration,
+) -> Fixture {
     let stack = TestStack::start().await.unwrap();
     let db = DbClient::new(
         &DbConfig::new(
@@ -263,14 +279,15 @@ async fn fixture(fingerprint: Option<&str>, host_port: u16) -> Fixture {
             regions: HashMap::new(),
         }),
         verifier: Arc::new(StaticVerifier),
-        limiter: Arc::new(RateLimiter::new(1000.0, 1000)),
+        admission: Arc::new(Admission::new(AdmissionSettings::unlimited())),
         metrics: Arc::new(Metrics::new().unwrap()),
         ready,
     };
     let forwarder = Forwarder::new(ForwardSettings {
         port: host_port,
         connect_timeout: Duration::from_secs(5),
-        timeout: Duration::from_secs(20),
+        timeout,
+        ..ForwardSettings::default()
     });
     let listener = TcpListener::bind((LOCALHOST, 0)).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -506,4 +523,28 @@ async fn a_host_that_cannot_be_reached_gets_502() {
     let answer = put_json_transport(&fx, Some(ALICE), &settings_body(fx.mandelbox)).await;
     assert_eq!(answer.status, 502, "{}", answer.body);
     assert_eq!(answer.body["code"], "host_unreachable");
+}
+
+#[tokio::test]
+async fn a_host_slower_than_the_router_gets_a_504_the_client_can_retry_within_it() {
+    let identity = Identity::generate();
+    let (host, port) = start_host(server_config(&identity), ports_answer()).await;
+    host.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let fx = fixture_with_timeout(
+        Some(&identity.fingerprint()),
+        port,
+        Duration::from_millis(500),
+    )
+    .await;
+    let answer = put_json_transport(&fx, Some(ALICE), &settings_body(fx.mandelbox)).await;
+    assert_eq!(answer.status, 504, "{}", answer.body);
+    assert_eq!(answer.body["code"], "host_timeout");
+    assert_eq!(answer.headers["retry-after"], "1");
+    assert_eq!(host.received().len(), 1);
+    // The retry reaches the host (which now answers) and gets the ports.
+    host.hang.store(false, std::sync::atomic::Ordering::SeqCst);
+    let answer = put_json_transport(&fx, Some(ALICE), &settings_body(fx.mandelbox)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    // The default fits inside Heroku's 30 s router timeout.
+    assert!(ForwardSettings::default().timeout < Duration::from_secs(30));
 }

@@ -31,7 +31,8 @@ use devstack::testing::{TEST_ADMIN_SECRET, TestStack};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{TestCaseError, TestRunner};
-use scaling_service::api::{ApiState, AssignRequest, Assigner, Assignment, RateLimiter, serve};
+use scaling_service::admission::{Admission, AdmissionSettings};
+use scaling_service::api::{ApiState, AssignRequest, Assigner, Assignment, serve};
 use scaling_service::auth::{AuthError, JwksVerifier, TokenVerifier};
 use scaling_service::metrics::Metrics;
 use scaling_service::region::PROVIDER;
@@ -322,7 +323,7 @@ async fn api() -> Api {
             regions: HashMap::new(),
         }),
         verifier: Arc::new(jwks_verifier(&jwks)),
-        limiter: Arc::new(RateLimiter::new(1e6, 1_000_000)),
+        admission: Arc::new(Admission::new(AdmissionSettings::unlimited())),
         metrics: Arc::new(Metrics::new().unwrap()),
         ready,
     };

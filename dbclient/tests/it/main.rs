@@ -12,5 +12,6 @@ mod images;
 mod instances;
 mod launches;
 mod mandelboxes;
+mod release;
 mod subscriptions;
 mod support;

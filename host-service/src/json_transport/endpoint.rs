@@ -38,11 +38,20 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
 /// out (see [`BodyLimits::drain_bytes`]). Larger bodies get the 413 at once and the connection
 /// is closed.
 const MAX_DRAINED_BYTES: u64 = 4 * 1024 * 1024;
-/// How request bodies are read.
+/// How request bodies are read once the header's token is verified.
 const BODY_LIMITS: BodyLimits = BodyLimits {
     max_bytes: MAX_BODY_BYTES,
     read_timeout: BODY_READ_TIMEOUT,
     drain_bytes: MAX_DRAINED_BYTES,
+};
+/// The body of a request not yet authenticated (its token, if any, is in the body): read within
+/// [`PRE_AUTH_BODY_READ_TIMEOUT`], and an oversize one refused at once, never drained: a
+/// stranger gets at most [`MAX_BODY_BYTES`] read, for at most that long, per connection.
+pub const PRE_AUTH_BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const PRE_AUTH_BODY_LIMITS: BodyLimits = BodyLimits {
+    max_bytes: MAX_BODY_BYTES,
+    read_timeout: PRE_AUTH_BODY_READ_TIMEOUT,
+    drain_bytes: 0,
 };
 /// Mandelbox owners remembered, so repeated requests for a running mandelbox cost no database
 /// round trip. A host runs a few dozen mandelboxes at most; entries of mandelboxes that are
@@ -226,12 +235,9 @@ impl<R: ContainerRuntime + Clone + 'static> Endpoint<R> {
 
     /// The whole request: headers and body in, ports and key (or a refusal) out.
     pub async fn handle(&self, headers: &HeaderMap, body: Body) -> Result<Value, Refusal> {
-        let body = body::check_declared_length(headers, body, &BODY_LIMITS)
-            .await
-            .map_err(Refusal::from)?;
-        // A token in the header is checked before the body is read: unauthenticated floods
-        // cost a signature check, not a megabyte each. Without authentication (local
-        // development) the header is ignored.
+        // A token in the header is checked before anything of the body is read (not even a
+        // declared oversize body is drained): unauthenticated floods cost a signature check,
+        // not megabytes each. Without authentication (local development) the header is ignored.
         let mut user = None;
         if let Some(verifier) = &self.auth
             && let Some(value) = headers.get(header::AUTHORIZATION)
@@ -239,17 +245,25 @@ impl<R: ContainerRuntime + Clone + 'static> Endpoint<R> {
             let token = auth::bearer_token(value.as_bytes()).map_err(Refusal::Auth)?;
             user = Some(verifier.verify(token).await.map_err(Refusal::Auth)?);
         }
-        let bytes = read_body(body).await?;
-        let parsed = request::parse(&bytes).map_err(Refusal::Malformed)?;
+        let limits = if self.auth.is_some() && user.is_none() {
+            &PRE_AUTH_BODY_LIMITS
+        } else {
+            &BODY_LIMITS
+        };
+        let body = body::check_declared_length(headers, body, limits)
+            .await
+            .map_err(Refusal::from)?;
+        let bytes = body::read_body(body, limits).await.map_err(Refusal::from)?;
         if let Some(verifier) = &self.auth
             && user.is_none()
         {
-            let token = parsed
-                .body_token
-                .as_deref()
+            // The token alone first: json_data is decoded and inflated only for a caller.
+            let token = request::body_token(&bytes)
+                .map_err(Refusal::Malformed)?
                 .ok_or(Refusal::Auth(AuthError::Missing))?;
-            user = Some(verifier.verify(token).await.map_err(Refusal::Auth)?);
+            user = Some(verifier.verify(&token).await.map_err(Refusal::Auth)?);
         }
+        let parsed = request::parse(&bytes).map_err(Refusal::Malformed)?;
         let id = parsed.mandelbox_id;
         tracing::Span::current().record("mandelbox.id", tracing::field::display(id));
         self.check_owner(id, user.as_ref()).await?;
@@ -328,14 +342,6 @@ impl<R: ContainerRuntime + Clone + 'static> Endpoint<R> {
         }
         owners.insert(id, owner);
     }
-}
-
-/// The body, at most [`MAX_BODY_BYTES`], within [`BODY_READ_TIMEOUT`].
-async fn read_body(body: Body) -> Result<Vec<u8>, Refusal> {
-    body::read_body(body, &BODY_LIMITS)
-        .await
-        .map(Vec::from)
-        .map_err(Refusal::from)
 }
 
 /// The router: `PUT /json_transport` (and its CORS preflight), `GET /healthz`; JSON 404 and 405

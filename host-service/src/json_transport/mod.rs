@@ -68,6 +68,7 @@ pub struct Listening {
     tls: Arc<rustls::ServerConfig>,
     verifier: Option<Arc<Verifier>>,
     local_addr: SocketAddr,
+    max_connections_per_address: usize,
 }
 
 impl Listening {
@@ -111,6 +112,7 @@ impl Listening {
             tls,
             verifier,
             local_addr,
+            max_connections_per_address: config.json_transport_max_connections_per_address,
         })
     }
 
@@ -146,6 +148,7 @@ impl Listening {
             self.listener,
             self.tls,
             router(endpoint),
+            self.max_connections_per_address,
             shutdown,
         ));
     }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use edge::limit::ConnectionGate;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -23,6 +24,11 @@ use tokio_util::task::TaskTracker;
 /// Connections open at once. A host runs a handful of mandelboxes, each with one client; 1024
 /// leaves room for retries and the scaling service, and bounds memory (~100 KiB per connection).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections open at once from one client address (IPv6: one /64), unless
+/// `WHIST_JSON_TRANSPORT_MAX_CONNECTIONS_PER_ADDRESS` says otherwise: one stranger cannot take
+/// the [`MAX_CONNECTIONS`] places, while the scaling service's forwarder (one address, one
+/// connection per request in flight, a few per mandelbox) stays far below it.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 64;
 /// A TLS handshake takes a few round trips; one that is not done in 10 s is a stalled or
 /// hostile client.
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +51,7 @@ pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
+    max_connections_per_address: usize,
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -54,7 +61,7 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
     let builder = Arc::new(builder);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let gate = ConnectionGate::new(MAX_CONNECTIONS, max_connections_per_address);
     let graceful = GracefulShutdown::new();
     let connections = TaskTracker::new();
     // Cancelled when the grace period is over: connections still open are dropped.
@@ -72,10 +79,13 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many connections: refused");
-            drop(tcp);
-            continue;
+        let permit = match gate.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                tracing::warn!(%peer, %refusal, "json_transport connection refused");
+                drop(tcp);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();

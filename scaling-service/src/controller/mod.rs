@@ -6,6 +6,7 @@
 //! in the service, the simulated fleet in the simulator.
 
 pub mod demand;
+pub mod fence;
 pub mod snapshot;
 
 use std::time::Duration;
@@ -31,11 +32,19 @@ pub enum ExecError {
         wanted: u32,
         got: usize,
     },
+    /// Another replica holds the leader lease now: the write was refused (fenced), or the
+    /// task was cancelled. What it left (a launch record) is the new leader's to resume.
+    #[error("the leader lease was lost")]
+    LeaseLost,
 }
 
 impl From<dbclient::DbError> for ExecError {
     fn from(error: dbclient::DbError) -> Self {
-        Self::Db(error.to_string())
+        if dbclient::fenced::is_fenced(&error) {
+            Self::LeaseLost
+        } else {
+            Self::Db(error.to_string())
+        }
     }
 }
 

@@ -35,6 +35,8 @@ pub struct FakeHostHandler {
     region: Region,
     types: HashMap<String, InstanceTypeInfo>,
     state: Mutex<State>,
+    /// While true, `wait_running` waits (a launch held half-way, as EC2 takes minutes).
+    hold_running: tokio::sync::watch::Sender<bool>,
 }
 
 impl FakeHostHandler {
@@ -53,6 +55,7 @@ impl FakeHostHandler {
             region,
             types,
             state: Mutex::new(State::default()),
+            hold_running: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -69,6 +72,12 @@ impl FakeHostHandler {
     }
 
     /// How many times `op` was called.
+    /// Holds every `wait_running` (until released with `false`): launches stop after
+    /// RunInstances, before their rows are inserted.
+    pub fn hold_running(&self, hold: bool) {
+        self.hold_running.send_replace(hold);
+    }
+
     pub fn calls(&self, op: Op) -> usize {
         self.lock().calls.get(&op).copied().unwrap_or(0)
     }
@@ -190,6 +199,9 @@ impl HostHandler for FakeHostHandler {
     }
 
     async fn wait_running(&self, ids: &[InstanceId], _timeout: Duration) -> Result<(), HostError> {
+        let mut held = self.hold_running.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail.
+        let _ = held.wait_for(|hold| !*hold).await;
         let mut state = self.enter(Op::WaitRunning)?;
         for id in ids {
             match state.instances.get_mut(id) {

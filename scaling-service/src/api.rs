@@ -173,7 +173,6 @@ impl Assigner {
     }
 }
 
-
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct ApiState {

@@ -17,6 +17,9 @@ use super::{
     MAX_QUOTED_BODY, SESSION_PORT, SessionOptions, Step,
 };
 
+/// The scaling service answers `429 RATE_LIMITED` with `Retry-After: 1`.
+const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
+
 /// An open connection to the mandelbox's session port.
 #[derive(Debug)]
 pub struct Connection {
@@ -188,8 +191,9 @@ impl Client {
     }
 
     /// Step 2: `POST /mandelbox/assign`, retrying `503 NO_INSTANCE_AVAILABLE` (with backoff,
-    /// [`assign_backoff`]) until `wait_for_capacity` has passed; without it, one attempt. Other
-    /// errors are returned at once. Returns the assignment and the number of attempts.
+    /// [`assign_backoff`]) and `429 RATE_LIMITED` (after at least the service's `Retry-After`
+    /// of 1 s) until `wait_for_capacity` has passed; without it, one attempt. Other errors are
+    /// returned at once. Returns the assignment and the number of attempts.
     pub async fn assign_waiting(
         &self,
         token: &AccessToken,
@@ -202,7 +206,14 @@ impl Client {
             attempts += 1;
             match self.assign(token, request).await {
                 Ok(assignment) => return Ok((assignment, attempts)),
-                Err(error) if error.code() == Some("NO_INSTANCE_AVAILABLE") => {
+                Err(error)
+                    if matches!(error.code(), Some("NO_INSTANCE_AVAILABLE" | "RATE_LIMITED")) =>
+                {
+                    let floor = if error.code() == Some("RATE_LIMITED") {
+                        RATE_LIMITED_PAUSE
+                    } else {
+                        Duration::ZERO
+                    };
                     let Some(wait) = wait_for_capacity else {
                         return Err(error);
                     };
@@ -212,7 +223,10 @@ impl Client {
                         return Err(ClientError::NoCapacity { waited, attempts });
                     }
                     let jitter = 1.0 + ASSIGN_RETRY_JITTER * (rand::random::<f64>() * 2.0 - 1.0);
-                    let pause = assign_backoff(attempts).mul_f64(jitter).min(left);
+                    let pause = assign_backoff(attempts)
+                        .mul_f64(jitter)
+                        .max(floor)
+                        .min(left);
                     tokio::time::sleep(pause).await;
                 }
                 Err(error) => return Err(error),

@@ -1,7 +1,9 @@
 //! End-to-end session times on the whole local system (`make run`'s): 20 sessions of the client
 //! simulator, one after another, each assign → json_transport (answered once the mandelbox is
-//! ready) → TCP connect and first byte from the mandelbox → disconnect. Prints p50 and p99 of
-//! each step. Needs the workspace's binaries (`make bench` builds them), Docker with the
+//! ready) → TCP connect and first byte from the mandelbox → disconnect. Runs twice in one go,
+//! the hosts' warm pool off (`cold`: every session creates and starts its container) and on
+//! (`warm`, the default: a session claims a waiting box), and prints p50 and p99 of each step
+//! side by side. Needs the workspace's binaries (`make bench` builds them), Docker with the
 //! mandelbox test image, and moto.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -24,10 +26,20 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(run());
+    let cold = runtime.block_on(run("cold", Some("0")));
+    let warm = runtime.block_on(run("warm", None));
+    println!("sessions: step                   cold p50 / p99 ms      warm p50 / p99 ms");
+    for ((name, cold), (_, warm)) in cold.into_iter().zip(warm) {
+        println!(
+            "sessions: {name:<22} {:>8.1} / {:>8.1}      {:>8.1} / {:>8.1}",
+            cold.0, cold.1, warm.0, warm.1
+        );
+    }
 }
 
-async fn run() {
+/// One system, 20 sessions; `warm`: the hosts' `WHIST_WARM_MANDELBOXES` (`None`: the default).
+/// Returns each step's p50 and p99 in milliseconds.
+async fn run(label: &str, warm: Option<&str>) -> Vec<(&'static str, (f64, f64))> {
     let state = tempfile::tempdir().unwrap();
     let mut options = SystemOptions::new(StackOptions {
         state_dir: state.path().to_owned(),
@@ -44,6 +56,11 @@ async fn run() {
     options.desired_free_mandelboxes = 2;
     options.max_instances_per_region = 4;
     options.scheduler_interval_secs = 2;
+    if let Some(warm) = warm {
+        options
+            .host_env
+            .push(("WHIST_WARM_MANDELBOXES".to_owned(), warm.to_owned()));
+    }
     let started = Instant::now();
     let system = System::up(options).await.unwrap();
     let client = Client::new(ClientOptions {
@@ -68,7 +85,7 @@ async fn run() {
         };
         if n == 0 {
             println!(
-                "sessions: first host ready and first session done {:.1} s after start",
+                "sessions ({label}): first host ready and first session done {:.1} s after start",
                 started.elapsed().as_secs_f64()
             );
             continue; // includes the cold start: reported above, not in the percentiles
@@ -82,21 +99,22 @@ async fn run() {
     }
     system.down().await.unwrap();
     println!(
-        "sessions: {} sessions after the first, {} assign attempts",
+        "sessions ({label}): {} sessions after the first, {} assign attempts",
         SESSIONS - 1,
         attempts
     );
-    for (name, mut samples) in [
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    [
         ("assign", assign),
         ("json_transport answer", json_transport),
         ("first TCP byte", first_byte),
         ("whole session", total),
-    ] {
+    ]
+    .into_iter()
+    .map(|(name, mut samples)| {
         samples.sort();
-        println!(
-            "sessions: {name:<22} p50 {:>8.1} ms  p99 {:>8.1} ms",
-            percentile(&samples, 50.0).as_secs_f64() * 1e3,
-            percentile(&samples, 99.0).as_secs_f64() * 1e3,
-        );
-    }
+        let p = |q| ms(percentile(&samples, q));
+        (name, (p(50.0), p(99.0)))
+    })
+    .collect()
 }

@@ -33,6 +33,7 @@ pub mod metadata;
 pub mod ops;
 pub mod pairing;
 pub mod ports;
+pub mod profile;
 pub mod reconcile;
 pub mod registration;
 pub mod resources;
@@ -240,7 +241,20 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
     }
 
     confinement::load_apparmor_profile(config.app_env, &config.apparmor_profile).await;
-    let host = Arc::new(Host::new(
+    let profiles = match config.profiles.clone() {
+        Some(profile_config) => {
+            tracing::info!(bucket = %profile_config.store.bucket, "profiles: saved to and loaded from S3");
+            let failures = metrics.profile_failures.clone();
+            Some(Arc::new(
+                profile::Profiles::connect(profile_config, config.app_env.as_str(), failures).await,
+            ))
+        }
+        None => {
+            tracing::info!("profiles off (no WHIST_PROFILE_BUCKET): every session starts empty");
+            None
+        }
+    };
+    let mut host = Host::new(
         config,
         identity,
         db,
@@ -248,7 +262,9 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         resources,
         metrics.clone(),
         readiness.clone(),
-    ));
+    );
+    host.profiles = profiles;
+    let host = Arc::new(host);
     let tasks = host.tasks.clone();
     if draining_at_start {
         let report = reconcile::remove_everything(&host).await?;

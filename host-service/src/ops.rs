@@ -47,6 +47,8 @@ pub struct Metrics {
     pub subscription_up: IntGauge,
     /// 1 while the Docker event stream is open.
     pub docker_events_up: IntGauge,
+    /// Profile loads and saves that failed (`operation`: `load`, `save`).
+    pub profile_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -83,6 +85,13 @@ impl Metrics {
         )?;
         let subscription_up = IntGauge::new("subscription_up", "Database subscription connected")?;
         let docker_events_up = IntGauge::new("docker_events_up", "Docker event stream open")?;
+        let profile_failures = IntCounterVec::new(
+            Opts::new(
+                "profile_failures_total",
+                "Profile loads and saves that failed, by operation",
+            ),
+            &["operation"],
+        )?;
         for c in [
             Box::new(mandelboxes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(spinup_seconds.clone()),
@@ -94,6 +103,7 @@ impl Metrics {
             Box::new(resources_held.clone()),
             Box::new(subscription_up.clone()),
             Box::new(docker_events_up.clone()),
+            Box::new(profile_failures.clone()),
         ] {
             registry.register(c)?;
         }
@@ -109,6 +119,7 @@ impl Metrics {
             resources_held,
             subscription_up,
             docker_events_up,
+            profile_failures,
         })
     }
 

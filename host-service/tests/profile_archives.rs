@@ -51,7 +51,11 @@ impl Target {
     }
 
     fn unpack(&self, bytes: &[u8], limits: Limits) -> Result<archive::UnpackStats, ArchiveError> {
-        archive::unpack(bytes, &open_dir(&self.parent.path().join("profile")), limits)
+        archive::unpack(
+            bytes,
+            &open_dir(&self.parent.path().join("profile")),
+            limits,
+        )
     }
 
     fn outside_untouched(&self) {
@@ -60,7 +64,11 @@ impl Target {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, ["profile", "victim"], "nothing appears beside the profile");
+        assert_eq!(
+            names,
+            ["profile", "victim"],
+            "nothing appears beside the profile"
+        );
         assert_eq!(
             std::fs::read_to_string(self.parent.path().join("victim")).unwrap(),
             "untouched"
@@ -133,7 +141,10 @@ fn links_devices_and_fifos_are_refused() {
         // A link first, then a file written "through" it: neither may reach the victim.
         let bytes = lz4_tar(vec![
             (link, Vec::new()),
-            (header(b"escape", tar::EntryType::Regular, 4), b"evil".to_vec()),
+            (
+                header(b"escape", tar::EntryType::Regular, 4),
+                b"evil".to_vec(),
+            ),
         ]);
         let error = refused(t.unpack(&bytes, Limits::default()));
         // The tar reader itself rejects the sparse header it cannot parse.
@@ -155,7 +166,10 @@ fn a_bomb_stops_at_the_byte_limit() {
     };
     // 8 MiB of zeros compress to a few KiB: the limit counts what unpacking writes.
     let bomb = vec![0u8; 8 * 1024 * 1024];
-    let bytes = lz4_tar(vec![(header(b"zeros", tar::EntryType::Regular, bomb.len() as u64), bomb)]);
+    let bytes = lz4_tar(vec![(
+        header(b"zeros", tar::EntryType::Regular, bomb.len() as u64),
+        bomb,
+    )]);
     assert!(bytes.len() < 100_000, "{} bytes", bytes.len());
     assert!(matches!(
         refused(t.unpack(&bytes, limits)),
@@ -166,7 +180,10 @@ fn a_bomb_stops_at_the_byte_limit() {
     let files = (0..8)
         .map(|i| {
             let name = format!("f{i}");
-            (header(name.as_bytes(), tar::EntryType::Regular, 200_000), vec![1u8; 200_000])
+            (
+                header(name.as_bytes(), tar::EntryType::Regular, 200_000),
+                vec![1u8; 200_000],
+            )
         })
         .collect();
     assert!(matches!(
@@ -197,7 +214,12 @@ fn a_header_claiming_more_than_the_limit_is_refused_before_any_data() {
 fn too_many_entries_are_refused() {
     let t = Target::new();
     let files = (0..20)
-        .map(|i| (header(format!("f{i}").as_bytes(), tar::EntryType::Regular, 1), vec![b'x']))
+        .map(|i| {
+            (
+                header(format!("f{i}").as_bytes(), tar::EntryType::Regular, 1),
+                vec![b'x'],
+            )
+        })
         .collect();
     let limits = Limits {
         max_entries: 10,
@@ -231,12 +253,21 @@ fn a_huge_gnu_long_name_does_not_fill_memory() {
 #[test]
 fn garbage_and_truncated_archives_are_errors_not_panics() {
     let t = Target::new();
-    assert!(t.unpack(b"not an lz4 frame at all", Limits::default()).is_err());
-    let good = lz4_tar(vec![(header(b"f", tar::EntryType::Regular, 5000), vec![7u8; 5000])]);
+    assert!(
+        t.unpack(b"not an lz4 frame at all", Limits::default())
+            .is_err()
+    );
+    let good = lz4_tar(vec![(
+        header(b"f", tar::EntryType::Regular, 5000),
+        vec![7u8; 5000],
+    )]);
     // Cut inside the file's data. (lz4_flex ends quietly at some cuts between blocks; the
     // encryption's tag is what catches a truncated download.)
     let t = Target::new();
-    assert!(t.unpack(&good[..good.len() / 2], Limits::default()).is_err());
+    assert!(
+        t.unpack(&good[..good.len() / 2], Limits::default())
+            .is_err()
+    );
     // Cut right after the frame's magic number: an empty stream, so an empty profile.
     let t = Target::new();
     let stats = t.unpack(&good[..4], Limits::default()).unwrap();

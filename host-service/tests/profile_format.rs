@@ -53,13 +53,25 @@ fn write_profile(dir: &Path) {
     std::fs::create_dir_all(dir.join("Default/Local Storage/leveldb")).unwrap();
     std::fs::create_dir_all(dir.join("Default/Extensions")).unwrap();
     std::fs::write(dir.join("Default/Cookies"), b"SQLite format 3\0cookies").unwrap();
-    std::fs::write(dir.join("Default/Preferences"), br#"{"homepage":"https://whist.com"}"#).unwrap();
+    std::fs::write(
+        dir.join("Default/Preferences"),
+        br#"{"homepage":"https://whist.com"}"#,
+    )
+    .unwrap();
     let blob: Vec<u8> = (0..700_000u32).map(|i| (i * 31 % 253) as u8).collect();
     std::fs::write(dir.join("Default/Local Storage/leveldb/000003.log"), blob).unwrap();
-    std::fs::write(dir.join("imported-extensions.json"), br#"{"extensions":["abc"]}"#).unwrap();
+    std::fs::write(
+        dir.join("imported-extensions.json"),
+        br#"{"extensions":["abc"]}"#,
+    )
+    .unwrap();
     std::fs::write(dir.join("empty"), b"").unwrap();
     let long = "n".repeat(120);
-    std::fs::write(dir.join("Default").join(&long), b"a name longer than 100 bytes").unwrap();
+    std::fs::write(
+        dir.join("Default").join(&long),
+        b"a name longer than 100 bytes",
+    )
+    .unwrap();
 }
 
 /// Every file and directory below `dir`, relative, with the file's contents.
@@ -88,7 +100,12 @@ fn an_archive_made_by_python_opens_in_rust() {
     let source = work.path().join("source");
     write_profile(&source);
     let file = work.path().join("made-by-python.enc");
-    run_python(&["encrypt", TOKEN, source.to_str().unwrap(), file.to_str().unwrap()]);
+    run_python(&[
+        "encrypt",
+        TOKEN,
+        source.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
 
     let bytes = std::fs::read(&file).unwrap();
     assert_eq!(&bytes[..5], b"salt_");
@@ -117,12 +134,18 @@ fn an_archive_made_by_rust_opens_in_python() {
     let file = work.path().join("made-by-rust.enc");
     let out = std::fs::File::create(&file).unwrap();
     let encryptor = crypto::Encryptor::new(std::io::BufWriter::new(out), &key, header).unwrap();
-    let (encryptor, stats) = archive::pack(open_dir(&source), encryptor, Limits::default()).unwrap();
+    let (encryptor, stats) =
+        archive::pack(open_dir(&source), encryptor, Limits::default()).unwrap();
     assert_eq!((stats.files, stats.dirs), (6, 4));
     encryptor.finish().unwrap().flush().unwrap();
 
     let dest = work.path().join("dest");
     std::fs::create_dir(&dest).unwrap();
-    run_python(&["decrypt", TOKEN, file.to_str().unwrap(), dest.to_str().unwrap()]);
+    run_python(&[
+        "decrypt",
+        TOKEN,
+        file.to_str().unwrap(),
+        dest.to_str().unwrap(),
+    ]);
     assert_eq!(tree(&dest), tree(&source));
 }

@@ -243,6 +243,9 @@ async fn create_instance_profile(endpoint: &str, name: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// The users' profile bucket devstack prepares in moto (`WHIST_PROFILE_BUCKET` of its hosts).
+pub const PROFILE_BUCKET: &str = "whist-user-profiles-local";
+
 /// Creates the users' profile bucket in moto's S3, versioned as in production
 /// (docs/operations.md). Idempotent. moto checks no signature, so plain HTTP requests do.
 pub async fn create_profile_bucket(endpoint: &str, bucket: &str) -> anyhow::Result<()> {

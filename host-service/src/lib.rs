@@ -12,14 +12,16 @@
 //! Reads: flags or environment (`--help`): `APP_ENV`, `HASURA_GRAPHQL_URL`,
 //! `HASURA_ADMIN_SECRET`, `AWS_EC2_METADATA_SERVICE_ENDPOINT`, `WHIST_ROOT`, …
 //! Writes: its instance's and mandelboxes' rows, containers labelled `whist.managed=true`, files
-//! under `WHIST_ROOT`. Exit codes: 0 after a drain (or a DRAINING row at start), 1 on a fatal
+//! under `WHIST_ROOT`, and (with `WHIST_PROFILE_BUCKET`) users' encrypted profiles in S3, read at
+//! spin-up and written at teardown. Exit codes: 0 after a drain (or a DRAINING row at start), 1 on a fatal
 //! error, 2 on bad configuration.
 //!
 //! Modules, one per noun: [`config`], [`metadata`] (IMDS), [`docker`] (the engine), [`ports`],
 //! [`ttys`], [`gpus`], [`resources`] (the allocators), [`uinput`] (input devices), [`mappings`]
 //! (files shared with a mandelbox), [`pairing`] (json_transport), [`mandelbox`] (one mandelbox's
 //! life), [`host`] (what they share and the loops), [`registration`], [`reconcile`], [`ops`]
-//! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint).
+//! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint), [`profile`] (users'
+//! browser profiles in S3 and their initial browser data).
 
 pub mod config;
 pub mod confinement;

@@ -53,22 +53,34 @@ async fn visit(
     session.wait_for_capacity = Some(STEP_DEADLINE);
     session.config_token = Some(token.to_owned());
     session.new_config_token = new_token;
-    let report = client
-        .run_session(&session)
-        .await
-        .unwrap_or_else(|f| panic!("{user}'s session: {f:?}"));
+    let report = match client.run_session(&session).await {
+        Ok(report) => report,
+        Err(failure) => {
+            dump_logs(system);
+            panic!("{user}'s session: {failure:?}");
+        }
+    };
     let started = Instant::now();
     while live_mandelboxes(sql).await > 0 {
         if started.elapsed() > STEP_DEADLINE {
-            for host in system.fleet().hosts() {
-                let log = std::fs::read_to_string(&host.log).unwrap_or_default();
-                eprintln!("--- host {} ---\n{log}", host.instance_id);
-            }
+            dump_logs(system);
             panic!("{user}'s mandelbox was not torn down");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     serde_json::from_str(&report.first_line).unwrap()
+}
+
+fn dump_logs(system: &System) {
+    let tail = |path: &std::path::Path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(80)..].join("\n")
+    };
+    eprintln!("--- scaling service ---\n{}", tail(system.scaling_log()));
+    for host in system.fleet().hosts() {
+        eprintln!("--- host {} ---\n{}", host.instance_id, tail(&host.log));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -275,6 +275,22 @@ mod tests {
                 json!({"mandelbox_id": ID, "json_data": "{}", "app_name": []}),
                 "app_name",
             ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "config_encryption_token": 1}),
+                "config_encryption_token",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "is_new_config_encryption_token": "yes"}),
+                "is_new_config_encryption_token",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "cookies": [1]}),
+                "cookies",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "extensions": {}}),
+                "extensions",
+            ),
         ] {
             let error = parse(&body(value.clone())).unwrap_err();
             assert_eq!(error.field, field, "{value}: {error}");
@@ -306,10 +322,41 @@ mod tests {
     #[test]
     fn the_token_never_reaches_debug_output() {
         let parsed = parse(&body(json!({
-            "mandelbox_id": ID, "json_data": "{}", "jwt_access_token": "very-secret-token"
+            "mandelbox_id": ID, "json_data": "{}", "jwt_access_token": "very-secret-token",
+            "config_encryption_token": "profile-secret-token", "cookies": "session=secret-cookie"
         })))
         .unwrap();
-        assert!(!format!("{parsed:?}").contains("very-secret-token"));
+        let shown = format!("{parsed:?}");
+        for secret in ["very-secret-token", "profile-secret-token", "secret-cookie"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn the_profile_fields_are_parsed() {
+        let parsed = parse(&body(json!({
+            "mandelbox_id": ID, "json_data": "{}",
+            "config_encryption_token": "a-token-of-some-length",
+            "is_new_config_encryption_token": true,
+            "cookies": "[]", "bookmarks": "{}", "extensions": "a,b"
+        })))
+        .unwrap();
+        let profile = &parsed.profile;
+        assert_eq!(
+            profile.token.as_ref().map(|t| t.expose().as_str()),
+            Some("a-token-of-some-length")
+        );
+        assert!(profile.is_new_token);
+        assert_eq!(profile.browser.cookies.as_deref(), Some("[]"));
+        assert_eq!(profile.browser.bookmarks.as_deref(), Some("{}"));
+        assert_eq!(profile.browser.extensions.as_deref(), Some("a,b"));
+        let bare = parse(&body(json!({"mandelbox_id": ID, "json_data": "{}",
+            "is_new_config_encryption_token": null})))
+        .unwrap();
+        assert_eq!(
+            bare.profile,
+            crate::profile::lifecycle::ProfileRequest::default()
+        );
     }
 
     proptest! {

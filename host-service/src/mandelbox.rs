@@ -478,33 +478,22 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
     let id = row.id;
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     // The profile's download starts before the token arrives (§3.10 "speculative").
-    let pending = host
-        .profiles
-        .as_ref()
-        .map(|p| p.start_load(&dirs, row.user_id.as_ref(), &row.app));
+    let pending = crate::profile::lifecycle::start(host.profiles.as_deref(), &dirs, row);
     let request = unless_exited(
         handle,
         host.pairing
             .wait_for_request(id, host.config.json_transport_timeout),
     )
     .await??;
-    if let (Some(profiles), Some(pending)) = (&host.profiles, pending) {
-        let load = profiles.finish_load(pending, &request.profile);
-        // Bounded like the readiness wait: a slow S3 costs the user their profile, not the
-        // session.
-        if unless_exited(
-            handle,
-            tokio::time::timeout(host.config.ready_timeout, load),
-        )
-        .await?
-        .is_err()
-        {
-            tracing::warn!(
-                "profile not loaded in time: the mandelbox starts with an empty profile"
-            );
-        }
-    }
-    crate::profile::lifecycle::write_browser_data(&dirs, &request.profile).await;
+    // Bounded like the readiness wait: a slow S3 costs the user their profile, not the session.
+    let profile = crate::profile::lifecycle::put_in_place(
+        host.profiles.as_deref(),
+        pending,
+        &dirs,
+        &request.profile,
+        host.config.ready_timeout,
+    );
+    unless_exited(handle, profile).await?;
     mappings::write_config(&dirs, &request.json_data).await?;
     unless_exited(
         handle,
@@ -627,13 +616,10 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
     if let Some(allocation) = allocation {
         host.free(id, allocation);
     }
+    let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     // The container is gone, so nothing writes to the profile any more; its files go next.
-    if let Some(profiles) = &host.profiles {
-        profiles
-            .save(&MandelboxDirs::new(&host.config.root_dir, id))
-            .await;
-    }
-    if let Err(error) = MandelboxDirs::new(&host.config.root_dir, id).remove().await {
+    crate::profile::lifecycle::save(host.profiles.as_deref(), &dirs).await;
+    if let Err(error) = dirs.remove().await {
         tracing::warn!(%error, "cannot remove the mandelbox's files");
     }
     host.delete_row(id).await;

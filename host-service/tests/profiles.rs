@@ -366,3 +366,30 @@ async fn an_unversioned_bucket_or_an_unreachable_bucket_is_not_a_crash() {
     assert_eq!(failures.with_label_values(&["save"]).get(), 1);
     assert_eq!(failures.with_label_values(&["load"]).get(), 1);
 }
+
+#[tokio::test]
+async fn a_load_cut_short_is_not_saved_over_the_users_profile() {
+    let s3 = S3::start().await;
+    let bucket = s3.bucket(true).await;
+    let (profiles, failures) = s3.profiles(&bucket);
+    let root = tempfile::tempdir().unwrap();
+    let dirs = MandelboxDirs::new(root.path(), MandelboxId::random());
+    dirs.create("1").await.unwrap();
+    let user = UserId::new("frank").unwrap();
+    let pending = profiles.start_load(&dirs, Some(&user), APP);
+    let mut request = request(TOKEN, false);
+    request.browser.cookies = Some("[]".into());
+    host_service::profile::lifecycle::put_in_place(
+        Some(&profiles),
+        Some(pending),
+        &dirs,
+        &request,
+        Duration::ZERO,
+    )
+    .await;
+    assert_eq!(failures.with_label_values(&["load"]).get(), 1);
+    assert_eq!(profiles.save(&dirs).await, SaveOutcome::NotLoaded);
+    // The initial browser data is written all the same.
+    let initial = std::fs::read_to_string(dirs.user_configs().join("user-initial-file")).unwrap();
+    assert_eq!(initial, r#"{"cookiesJSON":"[]"}"#);
+}

@@ -261,7 +261,7 @@ pub fn unpack<R: Read>(
         let parts = safe_components(&raw).map_err(refuse)?;
         let kind = entry.header().entry_type();
         let is_dir = kind.is_dir();
-        if !is_dir && !(kind.is_file() || kind.is_contiguous()) {
+        if !(is_dir || kind.is_file() || kind.is_contiguous()) {
             return Err(refuse(match kind {
                 tar::EntryType::Symlink => "a symbolic link",
                 tar::EntryType::Link => "a hard link",

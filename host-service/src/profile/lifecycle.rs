@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use dbclient::types::{MandelboxId, UserId};
+use dbclient::types::{Mandelbox, MandelboxId, UserId};
 use edge::backoff::Backoff;
 use logger::Secret;
 use nix::fcntl::{OFlag, openat, renameat};
@@ -349,6 +349,12 @@ impl Profiles {
         }
     }
 
+    /// Drops what a load registered for saving: a load cut short (it took too long) must not
+    /// have its partial or empty profile saved over the user's.
+    pub fn forget(&self, id: MandelboxId) {
+        self.lock_tickets().remove(&id);
+    }
+
     /// Saves the profile of a mandelbox whose load registered a save; logs how it ended.
     pub async fn save(&self, dirs: &MandelboxDirs) -> SaveOutcome {
         let Some(ticket) = self.lock_tickets().remove(&dirs.id()) else {
@@ -573,10 +579,47 @@ fn pack_profile(
     Ok((file, len))
 }
 
-/// Writes the client's initial browser data into the profile; failures are logged, never fatal
-/// (the original's behaviour).
-pub async fn write_browser_data(dirs: &MandelboxDirs, request: &ProfileRequest) {
+/// Teardown's step, before the files go: saves the profile (see [`Profiles::save`]).
+pub async fn save(profiles: Option<&Profiles>, dirs: &MandelboxDirs) {
+    if let Some(profiles) = profiles {
+        profiles.save(dirs).await;
+    }
+}
+
+/// The spin-up's first step for the profile, once the directories exist: starts the download.
+pub fn start(
+    profiles: Option<&Profiles>,
+    dirs: &MandelboxDirs,
+    row: &Mandelbox,
+) -> Option<PendingLoad> {
+    profiles.map(|p| p.start_load(dirs, row.user_id.as_ref(), &row.app))
+}
+
+/// The spin-up's second step, with the client's request: the profile loaded (within `timeout`;
+/// a load cut short is not saved later) and the initial browser data written. Never fails: what
+/// goes wrong is logged and counted, and the mandelbox gets an empty profile.
+pub async fn put_in_place(
+    profiles: Option<&Profiles>,
+    pending: Option<PendingLoad>,
+    dirs: &MandelboxDirs,
+    request: &ProfileRequest,
+    timeout: Duration,
+) {
+    if let (Some(profiles), Some(pending)) = (profiles, pending)
+        && tokio::time::timeout(timeout, profiles.finish_load(pending, request))
+            .await
+            .is_err()
+    {
+        profiles.forget(dirs.id());
+        profiles.failures.with_label_values(&["load"]).inc();
+        tracing::warn!(
+            mandelbox.id = %dirs.id(),
+            ?timeout,
+            "profile not loaded in time: the mandelbox starts with an empty profile, which is not saved"
+        );
+    }
     if let Err(error) = super::browser_data::write(dirs, &request.browser).await {
+        // The original only logged this too.
         tracing::warn!(mandelbox.id = %dirs.id(), %error, "cannot write the initial browser data");
     }
 }

@@ -144,6 +144,7 @@ bench: setup
 	$(CARGO) bench -q --workspace --bench subscription_delay
 	$(CARGO) bench -q --workspace --bench spinup
 	$(CARGO) bench -q --workspace --bench json_transport
+	$(CARGO) bench -q --workspace --bench profiles
 	$(CARGO) bench -q --workspace --bench decision
 	$(CARGO) bench -q --workspace --bench assign
 	$(CARGO) bench -q --workspace --bench sessions

@@ -242,3 +242,39 @@ async fn create_instance_profile(endpoint: &str, name: &str) -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// The users' profile bucket devstack prepares in moto (`WHIST_PROFILE_BUCKET` of its hosts).
+pub const PROFILE_BUCKET: &str = "whist-user-profiles-local";
+
+/// Creates the users' profile bucket in moto's S3, versioned as in production
+/// (docs/operations.md). Idempotent. moto checks no signature, so plain HTTP requests do.
+pub async fn create_profile_bucket(endpoint: &str, bucket: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let client = reqwest::Client::new();
+    let url = format!("{}/{bucket}", endpoint.trim_end_matches('/'));
+    let created = client
+        .put(&url)
+        .send()
+        .await
+        .with_context(|| format!("moto: CreateBucket {bucket}"))?;
+    // 409: it exists already (ours, from an earlier start).
+    anyhow::ensure!(
+        created.status().is_success() || created.status().as_u16() == 409,
+        "moto: CreateBucket {bucket}: {}",
+        created.status()
+    );
+    let versioning = client
+        .put(format!("{url}?versioning"))
+        .body(VERSIONING_ENABLED)
+        .send()
+        .await
+        .with_context(|| format!("moto: PutBucketVersioning {bucket}"))?;
+    anyhow::ensure!(
+        versioning.status().is_success(),
+        "moto: PutBucketVersioning {bucket}: {}",
+        versioning.status()
+    );
+    Ok(())
+}
+
+const VERSIONING_ENABLED: &str = r#"<VersioningConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Status>Enabled</Status></VersioningConfiguration>"#;

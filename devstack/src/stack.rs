@@ -127,7 +127,13 @@ impl Stack {
         let graphql = GraphqlServer::spawn(&hasura, graphql_listener, &shutdown, &tasks);
 
         let moto = match &options.moto_bin {
-            Some(bin) => Some(Moto::start(bin).await.context("starting moto")?),
+            Some(bin) => {
+                let moto = Moto::start(bin).await.context("starting moto")?;
+                crate::moto::create_profile_bucket(&moto.endpoint(), crate::moto::PROFILE_BUCKET)
+                    .await
+                    .context("preparing the profile bucket")?;
+                Some(moto)
+            }
             None => None,
         };
         let default_imds = FakeImds::spawn(options.default_identity.clone()).await?;
@@ -208,6 +214,12 @@ impl Stack {
                 ("AWS_ACCESS_KEY_ID", "test".to_owned()),
                 ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
                 ("AWS_REGION", "us-east-1".to_owned()),
+                // Users' browser profiles (host service): moto's S3, a versioned bucket.
+                (
+                    "WHIST_PROFILE_BUCKET",
+                    crate::moto::PROFILE_BUCKET.to_owned(),
+                ),
+                ("WHIST_PROFILE_S3_ENDPOINT", moto.endpoint()),
             ]);
         }
         env

@@ -153,6 +153,14 @@ impl System {
             ("HASURA_ADMIN_SECRET", get("HASURA_ADMIN_SECRET")),
             ("WHIST_AUTH_ISSUER", get("WHIST_AUTH_ISSUER")),
             ("WHIST_AUTH_JWKS_URL", get("WHIST_AUTH_JWKS_URL")),
+            // Users' profiles in moto's S3 (straight to moto: EC2 faults are not S3's).
+            ("WHIST_PROFILE_BUCKET", get("WHIST_PROFILE_BUCKET")),
+            (
+                "WHIST_PROFILE_S3_ENDPOINT",
+                get("WHIST_PROFILE_S3_ENDPOINT"),
+            ),
+            ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
             ("WHIST_LOG", "info".to_owned()),
         ]
         .into_iter()

@@ -134,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
                 mandelbox_id: id,
                 json_data: "{}".into(),
                 user_id: Some(user),
+                profile: Default::default(),
             })
             .await?;
         let (sum1, count1) = (

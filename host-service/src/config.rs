@@ -137,6 +137,27 @@ pub struct Args {
     /// image needs it to stop promptly), off elsewhere (the real image runs systemd as PID 1).
     #[arg(long, env = "WHIST_CONTAINER_INIT")]
     pub container_init: Option<bool>,
+    /// S3 bucket of the users' encrypted browser profiles (versioned; docs/operations.md).
+    /// Unset: profiles are off and every session starts from an empty profile.
+    #[arg(long, env = "WHIST_PROFILE_BUCKET")]
+    pub profile_bucket: Option<String>,
+    /// Region of the profile bucket's S3 client (the original's `us-east-1`).
+    #[arg(long, env = "WHIST_PROFILE_REGION", default_value = "us-east-1")]
+    pub profile_region: String,
+    /// An S3 endpoint other than AWS's (moto in development), addressed path-style. The SDK's
+    /// `AWS_ENDPOINT_URL` is honoured as well.
+    #[arg(long, env = "WHIST_PROFILE_S3_ENDPOINT")]
+    pub profile_s3_endpoint: Option<String>,
+    /// Most bytes of file contents a profile may unpack to (or be saved with).
+    #[arg(long, env = "WHIST_PROFILE_MAX_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub profile_max_bytes: u64,
+    /// Most files and directories in a profile.
+    #[arg(long, env = "WHIST_PROFILE_MAX_ENTRIES", default_value_t = 100_000)]
+    pub profile_max_entries: u64,
+    /// How long a teardown's profile save (pack, encrypt, upload and its retries) may take; at
+    /// most 25 s, so that it fits in the 30 s a drain waits for stopped mandelboxes.
+    #[arg(long, env = "WHIST_PROFILE_SAVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub profile_save_timeout: Duration,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -175,6 +196,8 @@ pub struct Config {
     pub read_only_rootfs: bool,
     pub container_init: bool,
     pub commit: String,
+    /// `None`: no bucket configured, profiles off.
+    pub profiles: Option<crate::profile::ProfileConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +226,10 @@ pub enum ConfigError {
     AuthLeeway { leeway: Duration, max: Duration },
     #[error("--auth-audience must not be empty")]
     EmptyAudience,
+    #[error("--profile-save-timeout must be between 1 s and {max:?}, not {timeout:?}")]
+    ProfileSaveTimeout { timeout: Duration, max: Duration },
+    #[error("--profile-s3-endpoint {0:?} is not a valid URL")]
+    ProfileEndpoint(String),
 }
 
 /// The audience of Whist's Auth0 access tokens (reference §2.2).
@@ -253,6 +280,7 @@ impl Args {
             return Err(ConfigError::PortRangeTooSmall(self.port_range));
         }
         let auth = self.auth_config(env)?;
+        let profiles = self.profile_config()?;
         Ok(Config {
             app_env: env,
             db,
@@ -284,9 +312,46 @@ impl Args {
             read_only_rootfs: self.read_only_rootfs,
             container_init: self.container_init.unwrap_or(env.is_local()),
             commit: BUILD_COMMIT.to_owned(),
+            profiles,
         })
     }
+
+    fn profile_config(&self) -> Result<Option<crate::profile::ProfileConfig>, ConfigError> {
+        let Some(bucket) = self.profile_bucket.clone().filter(|b| !b.is_empty()) else {
+            return Ok(None);
+        };
+        let timeout = self.profile_save_timeout;
+        if timeout < Duration::from_secs(1) || timeout > MAX_PROFILE_SAVE_TIMEOUT {
+            return Err(ConfigError::ProfileSaveTimeout {
+                timeout,
+                max: MAX_PROFILE_SAVE_TIMEOUT,
+            });
+        }
+        if let Some(url) = &self.profile_s3_endpoint
+            && url::Url::parse(url).is_err()
+        {
+            return Err(ConfigError::ProfileEndpoint(url.clone()));
+        }
+        let limits = crate::profile::archive::Limits {
+            max_entries: self.profile_max_entries,
+            max_bytes: self.profile_max_bytes,
+        };
+        Ok(Some(crate::profile::ProfileConfig {
+            store: crate::profile::store::StoreConfig {
+                bucket,
+                region: self.profile_region.clone(),
+                endpoint: self.profile_s3_endpoint.clone(),
+            },
+            limits,
+            // Encryption and LZ4 add little; the bound is the unpacked one plus slack.
+            max_archive_bytes: limits.max_bytes.saturating_add(64 * 1024 * 1024),
+            save_timeout: timeout,
+        }))
+    }
 }
+
+/// A save must end before the drain's 30 s wait for stopped mandelboxes does.
+const MAX_PROFILE_SAVE_TIMEOUT: Duration = Duration::from_secs(25);
 
 impl Args {
     /// Authentication of json_transport: on everywhere but in local development without an

@@ -77,6 +77,8 @@ pub struct Host<R> {
     stop_all: CancellationToken,
     /// The warm boxes waiting for a user (see [`crate::warm`]).
     pub warm: WarmPool,
+    /// Users' profiles in S3; `None` when no bucket is configured.
+    pub profiles: Option<Arc<crate::profile::Profiles>>,
     pub(crate) tasks: TaskTracker,
 }
 
@@ -119,6 +121,7 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
             accepting: AtomicBool::new(true),
             stop_all: CancellationToken::new(),
             warm: WarmPool::new(),
+            profiles: None,
             tasks: TaskTracker::new(),
         }
     }

@@ -12,14 +12,16 @@
 //! Reads: flags or environment (`--help`): `APP_ENV`, `HASURA_GRAPHQL_URL`,
 //! `HASURA_ADMIN_SECRET`, `AWS_EC2_METADATA_SERVICE_ENDPOINT`, `WHIST_ROOT`, …
 //! Writes: its instance's and mandelboxes' rows, containers labelled `whist.managed=true`, files
-//! under `WHIST_ROOT`. Exit codes: 0 after a drain (or a DRAINING row at start), 1 on a fatal
+//! under `WHIST_ROOT`, and (with `WHIST_PROFILE_BUCKET`) users' encrypted profiles in S3, read at
+//! spin-up and written at teardown. Exit codes: 0 after a drain (or a DRAINING row at start), 1 on a fatal
 //! error, 2 on bad configuration.
 //!
 //! Modules, one per noun: [`config`], [`metadata`] (IMDS), [`docker`] (the engine), [`ports`],
 //! [`ttys`], [`gpus`], [`resources`] (the allocators), [`uinput`] (input devices), [`mappings`]
 //! (files shared with a mandelbox), [`pairing`] (json_transport), [`mandelbox`] (one mandelbox's
 //! life), [`host`] (what they share and the loops), [`registration`], [`reconcile`], [`ops`]
-//! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint).
+//! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint), [`profile`] (users'
+//! browser profiles in S3 and their initial browser data).
 
 pub mod config;
 pub mod confinement;
@@ -33,6 +35,7 @@ pub mod metadata;
 pub mod ops;
 pub mod pairing;
 pub mod ports;
+pub mod profile;
 pub mod reconcile;
 pub mod registration;
 pub mod resources;
@@ -236,7 +239,20 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
     }
 
     confinement::load_apparmor_profile(config.app_env, &config.apparmor_profile).await;
-    let host = Arc::new(Host::new(
+    let profiles = match config.profiles.clone() {
+        Some(profile_config) => {
+            tracing::info!(bucket = %profile_config.store.bucket, "profiles: saved to and loaded from S3");
+            let failures = metrics.profile_failures.clone();
+            Some(Arc::new(
+                profile::Profiles::connect(profile_config, config.app_env.as_str(), failures).await,
+            ))
+        }
+        None => {
+            tracing::info!("profiles off (no WHIST_PROFILE_BUCKET): every session starts empty");
+            None
+        }
+    };
+    let mut host = Host::new(
         config,
         identity,
         db,
@@ -244,7 +260,9 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         resources,
         metrics.clone(),
         readiness.clone(),
-    ));
+    );
+    host.profiles = profiles;
+    let host = Arc::new(host);
     let tasks = host.tasks.clone();
     if draining_at_start {
         let report = reconcile::remove_everything(&host).await?;

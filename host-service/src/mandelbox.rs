@@ -382,7 +382,7 @@ async fn spin_up<R: ContainerRuntime + Clone + 'static>(
     container: &mut Option<ContainerId>,
 ) -> Result<ClientAnswer, SpinUpError> {
     let private_key = prepare(host, job, allocation, image, container).await?;
-    finish(host, job.row.id, job.handle, allocation, private_key).await
+    finish(host, job.row, job.handle, allocation, private_key).await
 }
 
 /// The spin-up up to the point where only the user is missing: files, input devices, the
@@ -491,21 +491,34 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
 }
 
 /// The rest of the spin-up, once the user is known: pair with the client's json_transport
-/// request, hand over `config.json`, wait until the mandelbox is ready, mark the row RUNNING.
+/// request, put the user's profile and browser data in place, hand over `config.json`, wait
+/// until the mandelbox is ready, mark the row RUNNING.
 pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
     host: &Host<R>,
-    id: MandelboxId,
+    row: &Mandelbox,
     handle: &Handle,
     allocation: &Allocation,
     private_key: String,
 ) -> Result<ClientAnswer, SpinUpError> {
+    let id = row.id;
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
+    // The profile's download starts before the token arrives (§3.10 "speculative").
+    let pending = crate::profile::lifecycle::start(host.profiles.as_deref(), &dirs, row);
     let request = unless_exited(
         handle,
         host.pairing
             .wait_for_request(id, host.config.json_transport_timeout),
     )
     .await??;
+    // Bounded like the readiness wait: a slow S3 costs the user their profile, not the session.
+    let profile = crate::profile::lifecycle::put_in_place(
+        host.profiles.as_deref(),
+        pending,
+        &dirs,
+        &request.profile,
+        host.config.ready_timeout,
+    );
+    unless_exited(handle, profile).await?;
     mappings::write_config(&dirs, &request.json_data).await?;
     unless_exited(
         handle,
@@ -628,7 +641,10 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
     if let Some(allocation) = allocation {
         host.free(id, allocation);
     }
-    if let Err(error) = MandelboxDirs::new(&host.config.root_dir, id).remove().await {
+    let dirs = MandelboxDirs::new(&host.config.root_dir, id);
+    // The container is gone, so nothing writes to the profile any more; its files go next.
+    crate::profile::lifecycle::save(host.profiles.as_deref(), &dirs).await;
+    if let Err(error) = dirs.remove().await {
         tracing::warn!(%error, "cannot remove the mandelbox's files");
     }
     host.delete_row(id).await;

@@ -121,7 +121,28 @@ impl MandelboxDirs {
     }
 
     pub fn user_configs(&self) -> PathBuf {
-        self.base().join("userConfigs").join("unpacked_configs")
+        self.root.join(self.user_configs_relative())
+    }
+
+    /// [`user_configs`](Self::user_configs) below the root. The profile (reference §3.10) lives
+    /// there; it is bound into the mandelbox.
+    pub fn user_configs_relative(&self) -> PathBuf {
+        self.user_configs_parent_relative().join("unpacked_configs")
+    }
+
+    /// `<id>/userConfigs` below the root: the host's own, never bound into the mandelbox, so
+    /// profile downloads, uploads and extraction happen there out of the mandelbox's reach.
+    pub fn user_configs_parent_relative(&self) -> PathBuf {
+        PathBuf::from(self.id.to_string()).join("userConfigs")
+    }
+
+    /// The host's root (`--root-dir`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn id(&self) -> MandelboxId {
+        self.id
     }
 
     /// `<root>/temp/<id>`: the uinput socket directory lives below it.

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub warm_prepare_seconds: Histogram,
     /// Warm boxes claimed by a user.
     pub warm_claims: IntCounter,
+    /// Profile loads and saves that failed (`operation`: `load`, `save`).
+    pub profile_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,6 +98,13 @@ impl Metrics {
         )?;
         let subscription_up = IntGauge::new("subscription_up", "Database subscription connected")?;
         let docker_events_up = IntGauge::new("docker_events_up", "Docker event stream open")?;
+        let profile_failures = IntCounterVec::new(
+            Opts::new(
+                "profile_failures_total",
+                "Profile loads and saves that failed, by operation",
+            ),
+            &["operation"],
+        )?;
         for c in [
             Box::new(mandelboxes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(spinup_seconds.clone()),
@@ -110,6 +119,7 @@ impl Metrics {
             Box::new(warm_mandelboxes.clone()),
             Box::new(warm_prepare_seconds.clone()),
             Box::new(warm_claims.clone()),
+            Box::new(profile_failures.clone()),
         ] {
             registry.register(c)?;
         }
@@ -128,6 +138,7 @@ impl Metrics {
             warm_prepare_seconds,
             warm_claims,
             docker_events_up,
+            profile_failures,
         })
     }
 

@@ -29,6 +29,8 @@ pub struct ClientRequest {
     pub json_data: String,
     /// The user the client's token names; `None` in local development (no authentication).
     pub user_id: Option<UserId>,
+    /// The profile's token and the initial browser data (reference §3.10).
+    pub profile: crate::profile::lifecycle::ProfileRequest,
 }
 
 /// What the client gets once its mandelbox is ready.
@@ -258,6 +260,7 @@ mod tests {
             mandelbox_id: id,
             json_data: data.to_owned(),
             user_id: Some(UserId::new(user).unwrap()),
+            profile: Default::default(),
         }
     }
 

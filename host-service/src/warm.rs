@@ -289,7 +289,7 @@ async fn claim_and_finish<R: ContainerRuntime + Clone + 'static>(
     }
     let owner = Owner::of(row.user_id.as_ref(), host.config.app_env.is_local());
     host.pairing.set_owner(row.id, owner);
-    mandelbox::finish(host, row.id, handle, allocation, private_key).await
+    mandelbox::finish(host, row, handle, allocation, private_key).await
 }
 
 /// Resolves with the row once the ALLOCATED live query delivered it (see

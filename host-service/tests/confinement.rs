@@ -290,6 +290,7 @@ async fn a_hostile_mandelbox_cannot_reach_past_its_share() {
             mandelbox_id: id,
             json_data: SETTINGS.to_owned(),
             user_id: None,
+            profile: Default::default(),
         }),
     )
     .await

@@ -296,6 +296,7 @@ fn request(id: MandelboxId, user: &str, json: &str) -> ClientRequest {
         mandelbox_id: id,
         json_data: json.to_owned(),
         user_id: Some(UserId::new(user).unwrap()),
+        profile: Default::default(),
     }
 }
 

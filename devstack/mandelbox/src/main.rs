@@ -4,10 +4,15 @@
 //! In order, like `whist-startup.sh` and `run-whist-server.sh`:
 //! 1. waits for `.paramsReady` in the resource-mapping directory (`/whist/resourceMappings`);
 //! 2. reads `hostPort_for_my_32262_tcp`, `tty`, `gpu_index`, `session_id` and `timeout`;
-//! 3. waits for `.configReady`, then reads `config.json` (it must be JSON);
+//! 3. waits for `.configReady`, then reads `config.json` (it must be JSON); visits its profile
+//!    (`/whist/userConfigs`, or `WHIST_PROFILE_DIR`): reads the number in `stub-visits` (0 when
+//!    missing) and writes it back plus one, so the next session of the same user sees it grown;
+//!    reads and deletes `user-initial-file` as `run-whist-server.sh` does after importing it;
 //! 4. listens on 32261/tcp, 32262/tcp, 32273/tcp and 32263/udp, then writes
 //!    `done_sleeping_until_X_clients` (the host's readiness marker);
-//! 5. answers each TCP connection with one JSON line describing itself (the application-level
+//! 5. answers each TCP connection with one JSON line describing itself, with `profile_visits`
+//!    (the sessions before this one that its profile remembers) and `initial_data` (the
+//!    `user-initial-file` object, or null) (the application-level
 //!    reply that tells a real listener from docker-proxy), then reads lines: `exit N` exits with
 //!    code N; when the first client of 32273/tcp (the protocol's base TCP port) disconnects, the
 //!    stub exits 0, as WhistServer does when the user leaves;
@@ -53,6 +58,10 @@ struct Params {
     config: String,
     /// A JSON object: what this container may do (see the crate's documentation).
     probe: String,
+    /// Sessions before this one, as its profile's `stub-visits` counted them.
+    profile_visits: u64,
+    /// `user-initial-file`'s JSON object, or `null`.
+    initial_data: String,
 }
 
 enum Exit {
@@ -117,7 +126,13 @@ fn run(dir: &Path, poll: Duration) -> Result<Exit, String> {
     if !looks_like_json_object(&config) {
         return Err(format!("config.json is not a JSON object: {config:?}"));
     }
+    let profile_dir = PathBuf::from(
+        std::env::var("WHIST_PROFILE_DIR").unwrap_or_else(|_| "/whist/userConfigs".into()),
+    );
+    let (profile_visits, initial_data) = visit_profile(&profile_dir);
     let params = Arc::new(Params {
+        profile_visits,
+        initial_data,
         host_port_32262,
         tty,
         gpu_index,
@@ -220,14 +235,36 @@ fn echo_udp(socket: &UdpSocket) {
     }
 }
 
+/// Counts this session in the profile and takes the initial browser data; a profile the stub
+/// cannot read or write counts as empty (it is the host's to provide, not the stub's to check).
+fn visit_profile(dir: &Path) -> (u64, String) {
+    let counter = dir.join("stub-visits");
+    let visits = std::fs::read_to_string(&counter)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if let Err(e) = std::fs::write(&counter, (visits + 1).to_string()) {
+        eprintln!("mandelbox-stub: cannot write {}: {e}", counter.display());
+    }
+    let initial = dir.join("user-initial-file");
+    let initial_data = match std::fs::read_to_string(&initial) {
+        Ok(text) if looks_like_json_object(&text) && !text.contains('\n') => text.trim().to_owned(),
+        _ => "null".to_owned(),
+    };
+    let _ = std::fs::remove_file(&initial);
+    (visits, initial_data)
+}
+
 fn describe(p: &Params, port: u16) -> String {
     format!(
-        "{{\"mandelbox\":\"stub\",\"port\":{port},\"host_port_32262\":{},\"tty\":{},\"gpu_index\":{},\"session_id\":\"{}\",\"config\":{},\"probe\":{}}}\n",
+        "{{\"mandelbox\":\"stub\",\"port\":{port},\"host_port_32262\":{},\"tty\":{},\"gpu_index\":{},\"session_id\":\"{}\",\"config\":{},\"profile_visits\":{},\"initial_data\":{},\"probe\":{}}}\n",
         p.host_port_32262,
         p.tty,
         json_string_or_number(&p.gpu_index),
         p.session_id.replace(['"', '\\'], ""),
         p.config.replace('\n', " "),
+        p.profile_visits,
+        p.initial_data,
         p.probe,
     )
 }

@@ -59,6 +59,17 @@ struct Args {
     /// One JSON object per session on stdout instead of the human-readable report.
     #[arg(long)]
     json: bool,
+    /// The user's profile token (`config_encryption_token`, at least 15 characters; never
+    /// printed). Default: `local-config-token-<user id>`, so sessions of one `--user-id` share a
+    /// profile, as the client app's saved token makes them.
+    #[arg(long, env = "WHIST_CLIENT_CONFIG_TOKEN", hide_env_values = true)]
+    config_token: Option<String>,
+    /// Tell the host the profile token is new: the session starts from an empty profile.
+    #[arg(long)]
+    new_config_token: bool,
+    /// Send no profile token at all.
+    #[arg(long, conflicts_with_all = ["config_token", "new_config_token"])]
+    no_config_token: bool,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +112,10 @@ async fn run(args: Args) -> ExitCode {
         Err(error) => return usage(error.to_string()),
     };
     let user_id = args.user_id.unwrap_or_else(random_user_id);
+    let config_token = (!args.no_config_token).then(|| {
+        args.config_token
+            .unwrap_or_else(|| format!("local-config-token-{user_id}"))
+    });
     let session = SessionOptions {
         user_id: user_id.clone(),
         token,
@@ -108,6 +123,8 @@ async fn run(args: Args) -> ExitCode {
         json_data,
         hold: args.hold,
         wait_for_capacity: args.wait_for_capacity,
+        config_token,
+        new_config_token: args.new_config_token,
     };
     let mut stdout = std::io::stdout().lock();
     for n in 1..=args.sessions {

@@ -93,6 +93,11 @@ pub struct SessionOptions {
     pub hold: Option<Duration>,
     /// Retry `NO_INSTANCE_AVAILABLE` until this much time has passed.
     pub wait_for_capacity: Option<Duration>,
+    /// `config_encryption_token`: the key of the user's saved browser profile (the client app
+    /// keeps one per user). `None`: not sent, the session gets an empty profile.
+    pub config_token: Option<String>,
+    /// `is_new_config_encryption_token`: start from an empty profile.
+    pub new_config_token: bool,
 }
 
 impl SessionOptions {
@@ -104,6 +109,8 @@ impl SessionOptions {
             json_data: default_json_data(),
             hold: None,
             wait_for_capacity: None,
+            config_token: None,
+            new_config_token: false,
         }
     }
 }

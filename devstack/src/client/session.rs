@@ -242,6 +242,20 @@ impl Client {
         token: &AccessToken,
         json_data: &str,
     ) -> Result<JsonTransportAnswer, ClientError> {
+        self.json_transport_with_profile(assignment, token, json_data, None, false)
+            .await
+    }
+
+    /// [`Client::json_transport`] with the user's profile token (`config_encryption_token`,
+    /// `is_new_config_encryption_token`).
+    pub async fn json_transport_with_profile(
+        &self,
+        assignment: &Assignment,
+        token: &AccessToken,
+        json_data: &str,
+        config_token: Option<&str>,
+        new_config_token: bool,
+    ) -> Result<JsonTransportAnswer, ClientError> {
         let fingerprint =
             assignment
                 .tls_fingerprint
@@ -261,13 +275,18 @@ impl Client {
             .user_agent(concat!("whist-client/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientError::Tls(error_chain(&e)))?;
+        let mut body = json!({
+            "mandelbox_id": assignment.mandelbox_id,
+            "json_data": json_data,
+        });
+        if let Some(config_token) = config_token {
+            body["config_encryption_token"] = json!(config_token);
+            body["is_new_config_encryption_token"] = json!(new_config_token);
+        }
         let response = http
             .put(&url)
             .bearer_auth(token.expose())
-            .json(&json!({
-                "mandelbox_id": assignment.mandelbox_id,
-                "json_data": json_data,
-            }))
+            .json(&body)
             .send()
             .await
             .map_err(|e| request_error(Step::JsonTransport, &url, e))?;
@@ -401,7 +420,13 @@ impl Client {
 
         let t = Instant::now();
         let answer = self
-            .json_transport(&assignment, &token, &session.json_data)
+            .json_transport_with_profile(
+                &assignment,
+                &token,
+                &session.json_data,
+                session.config_token.as_deref(),
+                session.new_config_token,
+            )
             .await
             .map_err(|e| failed(Step::JsonTransport, e, &timings, Some(session_id), assigned))?;
         timings.json_transport = Some(t.elapsed());

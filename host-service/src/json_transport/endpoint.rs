@@ -273,6 +273,7 @@ impl<R: ContainerRuntime + Clone + 'static> Endpoint<R> {
                 mandelbox_id: id,
                 json_data: parsed.json_data,
                 user_id: user,
+                profile: parsed.profile,
             })
             .await?;
         Ok(success_body(&answer))

@@ -48,6 +48,9 @@ pub struct JsonTransportRequest {
     /// The app to run. Parsed for compatibility; the app comes from the mandelbox's row (or is
     /// `browsers/chrome` in local development), see `docs/parity.md` row 38.
     pub app_name: Option<String>,
+    /// `config_encryption_token`, `is_new_config_encryption_token`, `cookies`, `bookmarks` and
+    /// `extensions`: the user's profile and initial browser data (reference §3.10).
+    pub profile: crate::profile::lifecycle::ProfileRequest,
 }
 
 impl std::fmt::Debug for JsonTransportRequest {
@@ -60,6 +63,7 @@ impl std::fmt::Debug for JsonTransportRequest {
                 &self.body_token.as_ref().map(|_| logger::REDACTED),
             )
             .field("app_name", &self.app_name)
+            .field("profile", &self.profile)
             .finish()
     }
 }
@@ -70,6 +74,11 @@ struct Body {
     json_data: Option<Value>,
     jwt_access_token: Option<Value>,
     app_name: Option<Value>,
+    config_encryption_token: Option<Value>,
+    is_new_config_encryption_token: Option<Value>,
+    cookies: Option<Value>,
+    bookmarks: Option<Value>,
+    extensions: Option<Value>,
 }
 
 /// Only the body's `jwt_access_token`, for authenticating before anything else of the body is
@@ -123,11 +132,27 @@ pub fn parse(body: &[u8]) -> Result<JsonTransportRequest, RequestError> {
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(refuse(field, "not a string")),
     };
+    let is_new_token = match body.is_new_config_encryption_token {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(new)) => new,
+        Some(_) => return Err(refuse("is_new_config_encryption_token", "not a boolean")),
+    };
+    let profile = crate::profile::lifecycle::ProfileRequest {
+        token: optional_string(body.config_encryption_token, "config_encryption_token")?
+            .map(logger::Secret::new),
+        is_new_token,
+        browser: crate::profile::browser_data::BrowserData {
+            cookies: optional_string(body.cookies, "cookies")?,
+            bookmarks: optional_string(body.bookmarks, "bookmarks")?,
+            extensions: optional_string(body.extensions, "extensions")?,
+        },
+    };
     Ok(JsonTransportRequest {
         mandelbox_id,
         json_data,
         body_token: optional_string(body.jwt_access_token, "jwt_access_token")?,
         app_name: optional_string(body.app_name, "app_name")?,
+        profile,
     })
 }
 
@@ -267,6 +292,22 @@ mod tests {
                 json!({"mandelbox_id": ID, "json_data": "{}", "app_name": []}),
                 "app_name",
             ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "config_encryption_token": 1}),
+                "config_encryption_token",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "is_new_config_encryption_token": "yes"}),
+                "is_new_config_encryption_token",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "cookies": [1]}),
+                "cookies",
+            ),
+            (
+                json!({"mandelbox_id": ID, "json_data": "{}", "extensions": {}}),
+                "extensions",
+            ),
         ] {
             let error = parse(&body(value.clone())).unwrap_err();
             assert_eq!(error.field, field, "{value}: {error}");
@@ -298,10 +339,41 @@ mod tests {
     #[test]
     fn the_token_never_reaches_debug_output() {
         let parsed = parse(&body(json!({
-            "mandelbox_id": ID, "json_data": "{}", "jwt_access_token": "very-secret-token"
+            "mandelbox_id": ID, "json_data": "{}", "jwt_access_token": "very-secret-token",
+            "config_encryption_token": "profile-secret-token", "cookies": "session=secret-cookie"
         })))
         .unwrap();
-        assert!(!format!("{parsed:?}").contains("very-secret-token"));
+        let shown = format!("{parsed:?}");
+        for secret in ["very-secret-token", "profile-secret-token", "secret-cookie"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn the_profile_fields_are_parsed() {
+        let parsed = parse(&body(json!({
+            "mandelbox_id": ID, "json_data": "{}",
+            "config_encryption_token": "a-token-of-some-length",
+            "is_new_config_encryption_token": true,
+            "cookies": "[]", "bookmarks": "{}", "extensions": "a,b"
+        })))
+        .unwrap();
+        let profile = &parsed.profile;
+        assert_eq!(
+            profile.token.as_ref().map(|t| t.expose().as_str()),
+            Some("a-token-of-some-length")
+        );
+        assert!(profile.is_new_token);
+        assert_eq!(profile.browser.cookies.as_deref(), Some("[]"));
+        assert_eq!(profile.browser.bookmarks.as_deref(), Some("{}"));
+        assert_eq!(profile.browser.extensions.as_deref(), Some("a,b"));
+        let bare = parse(&body(json!({"mandelbox_id": ID, "json_data": "{}",
+            "is_new_config_encryption_token": null})))
+        .unwrap();
+        assert_eq!(
+            bare.profile,
+            crate::profile::lifecycle::ProfileRequest::default()
+        );
     }
 
     proptest! {

@@ -31,11 +31,15 @@ fn moto_bin() -> PathBuf {
     ))
 }
 
+/// Users' mandelboxes (warm boxes, which have no user, stay).
 async fn live_mandelboxes(sql: &tokio_postgres::Client) -> i64 {
-    sql.query_one("SELECT count(*) FROM whist.mandelboxes", &[])
-        .await
-        .unwrap()
-        .get(0)
+    sql.query_one(
+        "SELECT count(*) FROM whist.mandelboxes WHERE user_id IS NOT NULL",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }
 
 /// One session of `user`; returns the stub's greeting once the mandelbox is torn down (the

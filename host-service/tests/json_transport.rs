@@ -180,6 +180,9 @@ impl TestHost {
             TEST_ADMIN_SECRET,
             "--auth-issuer",
             &self.jwks.issuer(),
+            // The cold path: these tests count containers and pairings of their own.
+            "--warm-mandelboxes",
+            "0",
         ])
         .unwrap()
         .validate()

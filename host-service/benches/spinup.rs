@@ -79,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
             &stack.graphql_url(),
             "--admin-secret",
             TEST_ADMIN_SECRET,
+            // The cold path is what this measures.
+            "--warm-mandelboxes",
+            "0",
         ])?
         .validate()?;
         c.root_dir = root.path().to_owned();
@@ -208,6 +211,8 @@ async fn idle_rss(stack: &TestStack) -> anyhow::Result<(u64, PathBuf)> {
         .env("WHIST_ROOT", root.path())
         .env("WHIST_OPS_ADDR", format!("127.0.0.1:{ops_port}"))
         .env("WHIST_LOG", "warn")
+        // Idle: no warm boxes being made.
+        .env("WHIST_WARM_MANDELBOXES", "0")
         .kill_on_drop(true)
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);

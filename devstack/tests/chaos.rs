@@ -219,6 +219,15 @@ struct Figures {
     notes: String,
 }
 
+/// Whether any mandelbox row still has a user; warm boxes (rows without one) stay.
+async fn users_hold_mandelboxes(sql: &tokio_postgres::Client) -> bool {
+    mandelbox_rows(sql)
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.user_id.is_some())
+}
+
 fn record(f: &Figures) {
     let dir = std::env::var_os("WHIST_CHAOS_REPORT_DIR")
         .map(PathBuf::from)
@@ -575,13 +584,7 @@ async fn a_burst_of_assigns_across_three_regions() {
     assert!(figures.succeeded > 0, "the buffer served someone");
     // The granted clients never come: their hosts give up on them (15 s here) and clean up.
     let cleanup = Instant::now();
-    // Warm boxes (rows without a user) stay.
-    while mandelbox_rows(&h.sql)
-        .await
-        .unwrap()
-        .iter()
-        .any(|r| r.user_id.is_some())
-    {
+    while users_hold_mandelboxes(&h.sql).await {
         if cleanup.elapsed() > DEADLINE {
             h.dump();
             panic!("abandoned assignments were never cleaned up");
@@ -1146,13 +1149,7 @@ async fn a_flood_of_junk_while_users_assign() {
     let calm = timed_assigns(&h, &tokens).await;
     // Their mandelboxes are given up on (the clients never come) and the slots come back.
     let cleanup = Instant::now();
-    // Warm boxes (rows without a user) stay.
-    while mandelbox_rows(&h.sql)
-        .await
-        .unwrap()
-        .iter()
-        .any(|r| r.user_id.is_some())
-    {
+    while users_hold_mandelboxes(&h.sql).await {
         assert!(cleanup.elapsed() < DEADLINE, "abandoned assignments stay");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -1199,12 +1196,7 @@ async fn a_flood_of_junk_while_users_assign() {
         "only the real users' mandelboxes: {rows:?}"
     );
     let cleanup = Instant::now();
-    while mandelbox_rows(&h.sql)
-        .await
-        .unwrap()
-        .iter()
-        .any(|r| r.user_id.is_some())
-    {
+    while users_hold_mandelboxes(&h.sql).await {
         assert!(cleanup.elapsed() < DEADLINE, "abandoned assignments stay");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

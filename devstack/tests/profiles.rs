@@ -127,6 +127,13 @@ async fn a_users_second_session_sees_what_the_first_wrote_and_nobody_else_does()
         second["profile_visits"], 1,
         "the first session's profile is back: {second}"
     );
+    // What the host unpacked and wrote belongs to the image's user (`WHIST_MANDELBOX_USER`,
+    // 1000:1000 by default), not to root: the real browser does not run as root.
+    assert_eq!(
+        second["profile_owners"],
+        json!({"dir": "1000:1000", "stub-visits": "1000:1000", "user-initial-file": "1000:1000"}),
+        "{second}"
+    );
 
     let bob = visit(&system, &client, &sql, "e2e-bob", TOKEN, false).await;
     assert_eq!(

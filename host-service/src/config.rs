@@ -133,6 +133,11 @@ pub struct Args {
     /// and tmpfs mounts). `false` for an image that writes to its root at run time.
     #[arg(long, env = "WHIST_READ_ONLY_ROOTFS", default_value_t = true, action = clap::ArgAction::Set)]
     pub read_only_rootfs: bool,
+    /// The numeric `UID:GID` the mandelbox image runs its browser as: the owner of the
+    /// directories bound into a mandelbox and of the user's profile files (the original forced
+    /// `ubuntu` and mode 0777).
+    #[arg(long, env = "WHIST_MANDELBOX_USER", default_value_t = crate::ownership::Owner::IMAGE_DEFAULT)]
+    pub mandelbox_user: crate::ownership::Owner,
     /// Run Docker's init as the container's PID 1. Default: on in local development (the test
     /// image needs it to stop promptly), off elsewhere (the real image runs systemd as PID 1).
     #[arg(long, env = "WHIST_CONTAINER_INIT")]
@@ -194,6 +199,7 @@ pub struct Config {
     pub auth: Option<crate::json_transport::AuthConfig>,
     pub apparmor_profile: String,
     pub read_only_rootfs: bool,
+    pub mandelbox_user: crate::ownership::Owner,
     pub container_init: bool,
     pub commit: String,
     /// `None`: no bucket configured, profiles off.
@@ -310,6 +316,7 @@ impl Args {
             auth,
             apparmor_profile: self.apparmor_profile,
             read_only_rootfs: self.read_only_rootfs,
+            mandelbox_user: self.mandelbox_user,
             container_init: self.container_init.unwrap_or(env.is_local()),
             commit: BUILD_COMMIT.to_owned(),
             profiles,

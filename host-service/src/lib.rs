@@ -33,6 +33,7 @@ pub mod mandelbox;
 pub mod mappings;
 pub mod metadata;
 pub mod ops;
+pub mod ownership;
 pub mod pairing;
 pub mod ports;
 pub mod profile;

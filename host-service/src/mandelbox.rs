@@ -4,8 +4,6 @@
 //! stops it), then tear everything down. Any failure tears down completely — container,
 //! resources, files and row — and the waiting client gets an error, never silence.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use std::time::{Duration, Instant};
@@ -13,19 +11,19 @@ use tracing::Instrument as _;
 
 use dbclient::DbError;
 use dbclient::types::{Mandelbox, MandelboxId, MandelboxStatus};
-use rand::RngCore as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::docker::{
-    BindMount, ContainerId, ContainerRuntime, ContainerSpec, Device, LABEL_MANDELBOX_ID,
-    LABEL_SESSION_ID, LABEL_USER_ID, RuntimeError, TmpfsMount,
-};
+use crate::docker::{ContainerId, ContainerRuntime, Device, RuntimeError};
 use crate::host::Host;
 use crate::mappings::{self, MandelboxDirs, MappingError, Params};
 use crate::pairing::{ClientAnswer, Owner, PairingError};
-use crate::ports::{MANDELBOX_PORTS, PortMap};
+use crate::ports::MANDELBOX_PORTS;
 use crate::resources::{Allocation, ResourceError};
+
+mod spec;
+
+pub use spec::{Machine, build_spec, container_name, sanitize_session_id};
 
 /// Label naming the instance whose host service started the container: several local host
 /// services can share one Docker Engine, and each reconciles only its own.
@@ -34,33 +32,6 @@ pub const LABEL_INSTANCE_ID: &str = "whist.instance.id";
 pub const LABEL_TTY: &str = "whist.tty";
 /// Label holding the mandelbox's GPU index (absent on hosts without GPUs).
 pub const LABEL_GPU: &str = "whist.gpu";
-
-/// `/dev/shm` of a mandelbox: Chrome's renderers share frames through it.
-const SHM_SIZE_BYTES: u64 = 2 * 1024 * 1024 * 1024;
-/// `/run` and `/run/lock` tmpfs size, as in the original.
-const RUN_TMPFS_OPTIONS: &str = "size=52428800";
-/// Memory limit of a mandelbox (about 6.1 GiB, the original's figure for a g4dn share).
-const MEMORY_BYTES: u64 = 6_552_550_944;
-/// Most processes a mandelbox may run: far above a browser's needs, far below a fork bomb's.
-const PIDS_LIMIT: u64 = 4096;
-/// Capabilities a real mandelbox needs (systemd, X, audio, `mknod` of its TTY); everything else,
-/// NET_RAW included, stays dropped. The original added Docker's whole default set.
-const CAP_ADD: [&str; 14] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "NET_BIND_SERVICE",
-    "SYS_CHROOT",
-    "MKNOD",
-    "AUDIT_WRITE",
-    "SYS_NICE",
-    "IPC_LOCK",
-];
 
 /// Why a spin-up failed, reported to the client and counted by cause.
 #[derive(Debug, thiserror::Error)]
@@ -407,17 +378,19 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
         host.config.app_env,
         &host.config.apparmor_profile,
     )?;
-    let dirs = MandelboxDirs::new(&host.config.root_dir, id);
+    let dirs = dirs_of(host, id);
     let session_id = sanitize_session_id(row.session_id.as_deref());
     let (created_dirs, input) = tokio::join!(dirs.create(&session_id), create_input_devices(host));
     created_dirs?;
     let image = image?;
     let input = input?;
-    let private_key = new_private_key();
+    let private_key = spec::new_private_key();
+    let machine = Machine::probe(host.gpu_count);
     let mut attempt = 1;
     loop {
         let mut spec = build_spec(
-            host,
+            &host.config,
+            &machine,
             row,
             allocation,
             &dirs,
@@ -436,7 +409,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
             }
         }
         let params = Params {
-            host_port_32262: host_port(&allocation.ports, 32262),
+            host_port_32262: spec::host_port(&allocation.ports, 32262),
             tty: allocation.tty,
             gpu_index: allocation.gpu.unwrap_or(0),
             session_id: session_id.clone(),
@@ -501,7 +474,8 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
     private_key: String,
 ) -> Result<ClientAnswer, SpinUpError> {
     let id = row.id;
-    let dirs = MandelboxDirs::new(&host.config.root_dir, id);
+    let dirs = dirs_of(host, id);
+    let mut phases = Phases::start();
     // The profile's download starts before the token arrives (§3.10 "speculative").
     let pending = crate::profile::lifecycle::start(host.profiles.as_deref(), &dirs, row);
     let request = unless_exited(
@@ -510,6 +484,7 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
             .wait_for_request(id, host.config.json_transport_timeout),
     )
     .await??;
+    phases.mark("request");
     // Bounded like the readiness wait: a slow S3 costs the user their profile, not the session.
     let profile = crate::profile::lifecycle::put_in_place(
         host.profiles.as_deref(),
@@ -519,22 +494,59 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
         host.config.ready_timeout,
     );
     unless_exited(handle, profile).await?;
+    phases.mark("profile");
     mappings::write_config(&dirs, &request.json_data).await?;
+    phases.mark("config");
     unless_exited(
         handle,
         mappings::wait_for_file(&dirs, mappings::READY_MARKER, host.config.ready_timeout),
     )
     .await??;
+    phases.mark("ready");
 
     if let Some(db) = &host.db {
         db.transition_mandelbox_status(&id, MandelboxStatus::Connecting, MandelboxStatus::Running)
             .await?
             .ok_or(SpinUpError::RowGone)?;
     }
+    phases.mark("running");
+    tracing::info!(phases = %phases, "spin-up finished");
     Ok(ClientAnswer {
         host_ports: allocation.ports.iter().map(|(c, h)| (c.port, *h)).collect(),
         private_key,
     })
+}
+
+/// How long each step of [`finish`] took, for its log line: `request=3ms profile=41ms …`
+/// (`request` is the wait for the client's json_transport request).
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            done: Vec::with_capacity(5),
+        }
+    }
+
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.done.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, took)) in self.done.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{phase}={:.1}ms", took.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 /// Attempts at creating and starting a container when its host ports turn out to be taken.
@@ -641,7 +653,7 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
     if let Some(allocation) = allocation {
         host.free(id, allocation);
     }
-    let dirs = MandelboxDirs::new(&host.config.root_dir, id);
+    let dirs = dirs_of(host, id);
     // The container is gone, so nothing writes to the profile any more; its files go next.
     crate::profile::lifecycle::save(host.profiles.as_deref(), &dirs).await;
     if let Err(error) = dirs.remove().await {
@@ -657,140 +669,12 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
     tracing::info!(reason, "mandelbox torn down");
 }
 
-fn host_port(ports: &PortMap, container_port: u16) -> u16 {
-    ports
-        .iter()
-        .find(|(c, _)| c.port == container_port)
-        .map_or(0, |(_, h)| *h)
-}
-
-/// The protocol expects a decimal session id; anything else becomes the current time in
-/// milliseconds, as in the original.
-pub fn sanitize_session_id(session_id: Option<&str>) -> String {
-    match session_id {
-        Some(s) if !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.to_owned()
-        }
-        _ => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
-            .to_string(),
-    }
-}
-
-/// 16 random bytes, hex: the key the protocol encrypts the stream with.
-fn new_private_key() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `browsers/chrome` + id → `browsers-chrome-<id>`: Docker names allow `[a-zA-Z0-9_.-]`.
-pub fn container_name(app: &str, id: MandelboxId) -> String {
-    let app: String = app
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let app = app.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    if app.is_empty() {
-        format!("mandelbox-{id}")
-    } else {
-        format!("{app}-{id}")
-    }
-}
-
-fn build_spec<R: ContainerRuntime + Clone + 'static>(
+/// A mandelbox's paths, what it may write owned by the image's user.
+fn dirs_of<R: ContainerRuntime + Clone + 'static>(
     host: &Host<R>,
-    row: &Mandelbox,
-    allocation: &Allocation,
-    dirs: &MandelboxDirs,
-    session_id: &str,
-    image: &str,
-    private_key: &str,
-) -> ContainerSpec {
-    let mut spec = ContainerSpec::new(container_name(&row.app, row.id), image);
-    spec.env = BTreeMap::from([
-        ("WHIST_AES_KEY".to_owned(), private_key.to_owned()),
-        (
-            "SENTRY_ENV".to_owned(),
-            host.config.app_env.as_str().to_owned(),
-        ),
-        (
-            "WHIST_INITIAL_USER_DATA_FILE".to_owned(),
-            "/whist/userConfigs/user-initial-file".to_owned(),
-        ),
-        ("NVIDIA_DRIVER_CAPABILITIES".to_owned(), "all".to_owned()),
-        (
-            // Only its own GPU: the original exposed every GPU to every mandelbox.
-            "NVIDIA_VISIBLE_DEVICES".to_owned(),
-            allocation
-                .gpu
-                .map_or_else(|| "void".to_owned(), |g| g.to_string()),
-        ),
-    ]);
-    spec.labels = BTreeMap::from([
-        (LABEL_MANDELBOX_ID.to_owned(), row.id.to_string()),
-        (LABEL_SESSION_ID.to_owned(), session_id.to_owned()),
-        (LABEL_TTY.to_owned(), allocation.tty.to_string()),
-        (LABEL_INSTANCE_ID.to_owned(), row.instance_id.to_string()),
-    ]);
-    if let Some(user) = &row.user_id {
-        spec.labels
-            .insert(LABEL_USER_ID.to_owned(), user.to_string());
-    }
-    if let Some(gpu) = allocation.gpu {
-        spec.labels.insert(LABEL_GPU.to_owned(), gpu.to_string());
-    }
-    let bind = |host_path: PathBuf, container: &str, read_only: bool| BindMount {
-        host_path,
-        container_path: PathBuf::from(container),
-        read_only,
-        propagation: None,
-    };
-    spec.binds = vec![
-        bind(dirs.mappings(), "/whist/resourceMappings", false),
-        bind(dirs.sockets(), "/tmp/sockets", false),
-        bind(dirs.logs(session_id), "/var/log/whist", false),
-        bind(dirs.user_configs(), "/whist/userConfigs", false),
-    ];
-    // The host's /sys/fs/cgroup is not bound in (the original did): the container has its own
-    // cgroup namespace and sees its own cgroup as the root (`cgroupns_private`, on by default).
-    let udev = std::path::Path::new("/run/udev/data");
-    if udev.exists() {
-        spec.binds
-            .push(bind(udev.to_owned(), "/run/udev/data", true));
-    }
-    spec.read_only_rootfs = host.config.read_only_rootfs;
-    spec.ports = allocation.ports.clone();
-    // No /dev/fuse (the original mapped it for the user's cloud storage): a FUSE mount needs a
-    // user namespace or CAP_SYS_ADMIN, and the seccomp and AppArmor profiles deny every mount.
-    spec.cap_add = CAP_ADD.iter().map(|c| (*c).to_owned()).collect();
-    // The AppArmor profile is the caller's: checked against the kernel at each spin-up.
-    spec.shm_size_bytes = Some(SHM_SIZE_BYTES);
-    spec.tmpfs = ["/run", "/run/lock"]
-        .iter()
-        .map(|p| TmpfsMount {
-            container_path: PathBuf::from(p),
-            options: RUN_TMPFS_OPTIONS.to_owned(),
-        })
-        .collect();
-    spec.memory_bytes = Some(MEMORY_BYTES);
-    // Docker refuses a quota above the host's CPU count (small development machines).
-    let host_nano_cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-        as u64
-        * 1_000_000_000;
-    spec.nano_cpus = Some(host.config.mandelbox_nano_cpus.min(host_nano_cpus));
-    spec.pids_limit = Some(PIDS_LIMIT);
-    spec.init = host.config.container_init;
-    spec.runtime =
-        (host.gpu_count > 0 && host.config.gpu_override.is_none()).then(|| "nvidia".to_owned());
-    spec
+    id: MandelboxId,
+) -> MandelboxDirs {
+    MandelboxDirs::new(&host.config.root_dir, id).owned_by(host.config.mandelbox_user)
 }
 
 /// The ports a mandelbox publishes.
@@ -800,35 +684,3 @@ pub fn wanted_ports() -> &'static [crate::ports::ContainerPort] {
 
 /// How long the task waits, at most, to see its own container's exit after asking for a stop.
 pub const STOP_WAIT: Duration = Duration::from_secs(30);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn session_ids_are_digits_or_replaced() {
-        assert_eq!(sanitize_session_id(Some("1234")), "1234");
-        let replaced = sanitize_session_id(Some("abc"));
-        assert!(replaced.bytes().all(|b| b.is_ascii_digit()) && replaced.len() >= 13);
-        assert_ne!(sanitize_session_id(None), "");
-    }
-
-    #[test]
-    fn container_names_are_docker_safe() {
-        let id = MandelboxId::random();
-        assert_eq!(
-            container_name("browsers/chrome", id),
-            format!("browsers-chrome-{id}")
-        );
-        assert_eq!(container_name("../x y", id), format!("x-y-{id}"));
-        assert_eq!(container_name("//", id), format!("mandelbox-{id}"));
-    }
-
-    #[test]
-    fn private_keys_are_32_hex_and_differ() {
-        let (a, b) = (new_private_key(), new_private_key());
-        assert_eq!(a.len(), 32);
-        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-    }
-}

@@ -38,6 +38,8 @@ use nix::fcntl::{OFlag, openat, renameat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
+use crate::ownership::Owner;
+
 /// Host port bound to the protocol's discovery port, read by `run-whist-server.sh`.
 pub const HOST_PORT_FILE: &str = "hostPort_for_my_32262_tcp";
 pub const TTY_FILE: &str = "tty";
@@ -95,6 +97,9 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 pub struct MandelboxDirs {
     root: PathBuf,
     id: MandelboxId,
+    /// Who owns what the mandelbox may write (the bound directories, the profile); `None`:
+    /// left to root (tests that do not run as root).
+    owner: Option<Owner>,
 }
 
 impl MandelboxDirs {
@@ -102,7 +107,19 @@ impl MandelboxDirs {
         Self {
             root: root.to_owned(),
             id,
+            owner: None,
         }
+    }
+
+    /// The same paths, with `owner` owning what the mandelbox may write.
+    #[must_use]
+    pub fn owned_by(mut self, owner: Owner) -> Self {
+        self.owner = Some(owner);
+        self
+    }
+
+    pub fn owner(&self) -> Option<Owner> {
+        self.owner
     }
 
     /// `<root>/<id>`: everything of this mandelbox but its sockets and logs.
@@ -166,7 +183,8 @@ impl MandelboxDirs {
             .join(self.id.to_string())
     }
 
-    /// Creates every directory the container's binds need.
+    /// Creates every directory the container's binds need, owned by [`owner`](Self::owner)
+    /// (their parents stay root's: the mandelbox sees only the bound directories themselves).
     pub async fn create(&self, session_id: &str) -> Result<(), MappingError> {
         for dir in [
             self.mappings(),
@@ -174,7 +192,7 @@ impl MandelboxDirs {
             self.sockets(),
             self.logs(session_id),
         ] {
-            create_dir(&dir).await?;
+            create_dir(&dir, self.owner).await?;
         }
         Ok(())
     }
@@ -193,13 +211,21 @@ impl MandelboxDirs {
     }
 }
 
-async fn create_dir(dir: &Path) -> Result<(), MappingError> {
+async fn create_dir(dir: &Path, owner: Option<Owner>) -> Result<(), MappingError> {
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(io_error("create", dir))?;
     tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))
         .await
-        .map_err(io_error("set permissions of", dir))
+        .map_err(io_error("set permissions of", dir))?;
+    if let Some(owner) = owner {
+        // Just made under root-only parents that no mandelbox can reach: no link to follow.
+        let fd = std::fs::File::open(dir).map_err(io_error("open", dir))?;
+        owner
+            .give(&fd)
+            .map_err(|e| io_error("change the owner of", dir)(e.into()))?;
+    }
+    Ok(())
 }
 
 fn nix_error(action: &'static str, path: &Path) -> impl FnOnce(nix::Error) -> MappingError {
@@ -246,13 +272,25 @@ pub async fn write_atomic(
     name: &str,
     contents: &[u8],
 ) -> Result<(), MappingError> {
+    write_atomic_as(root, relative, name, contents, None).await
+}
+
+/// [`write_atomic`], the file owned by `owner` (set on the descriptor before the rename), for
+/// files the mandelbox's user may rewrite.
+pub async fn write_atomic_as(
+    root: &Path,
+    relative: &Path,
+    name: &str,
+    contents: &[u8],
+    owner: Option<Owner>,
+) -> Result<(), MappingError> {
     let root = root.to_owned();
     let relative = relative.to_owned();
     let name = name.to_owned();
     let contents = contents.to_owned();
     let target = root.join(&relative).join(&name);
     let result = tokio::task::spawn_blocking(move || {
-        write_atomic_blocking(&root, &relative, &name, &contents)
+        write_atomic_blocking(&root, &relative, &name, &contents, owner)
     })
     .await;
     match result {
@@ -270,6 +308,7 @@ fn write_atomic_blocking(
     relative: &Path,
     name: &str,
     contents: &[u8],
+    owner: Option<Owner>,
 ) -> Result<(), MappingError> {
     let dir_path = root.join(relative);
     check_name(&dir_path, name)?;
@@ -294,6 +333,11 @@ fn write_atomic_blocking(
         // The umask may have narrowed the mode; fchmod works on the descriptor, not a path.
         file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
             .map_err(io_error("set permissions of", &tmp_path))?;
+        if let Some(owner) = owner {
+            owner
+                .give(&file)
+                .map_err(|e| io_error("change the owner of", &tmp_path)(e.into()))?;
+        }
         (&file)
             .write_all(contents)
             .map_err(io_error("write", &tmp_path))?;

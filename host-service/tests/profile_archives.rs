@@ -55,6 +55,7 @@ impl Target {
             bytes,
             &open_dir(&self.parent.path().join("profile")),
             limits,
+            None,
         )
     }
 

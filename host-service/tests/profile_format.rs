@@ -113,7 +113,13 @@ fn an_archive_made_by_python_opens_in_rust() {
     let plaintext = crypto::open(TOKEN.as_bytes(), &bytes).unwrap();
     let dest = work.path().join("dest");
     std::fs::create_dir(&dest).unwrap();
-    let stats = archive::unpack(plaintext.as_slice(), &open_dir(&dest), Limits::default()).unwrap();
+    let stats = archive::unpack(
+        plaintext.as_slice(),
+        &open_dir(&dest),
+        Limits::default(),
+        None,
+    )
+    .unwrap();
     assert_eq!(stats.files, 6);
     assert_eq!(tree(&dest), tree(&source));
 

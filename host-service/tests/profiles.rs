@@ -17,6 +17,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use dbclient::types::{MandelboxId, UserId};
 use devstack::moto::Moto;
 use host_service::mappings::MandelboxDirs;
+use host_service::ownership::Owner;
 use host_service::profile::archive::Limits;
 use host_service::profile::lifecycle::ProfileRequest;
 use host_service::profile::store::{Store, StoreConfig};
@@ -110,6 +111,9 @@ impl S3 {
     }
 }
 
+/// The mandelbox image's user in these tests (they run as root, as the host does).
+const IMAGE_USER: Owner = Owner::new(4242, 4343);
+
 fn request(token: &str, is_new_token: bool) -> ProfileRequest {
     ProfileRequest {
         token: Some(Secret::new(token.to_owned())),
@@ -125,7 +129,7 @@ async fn session(
     user: &str,
     request: &ProfileRequest,
 ) -> (MandelboxDirs, LoadOutcome) {
-    let dirs = MandelboxDirs::new(root, MandelboxId::random());
+    let dirs = MandelboxDirs::new(root, MandelboxId::random()).owned_by(IMAGE_USER);
     dirs.create("1").await.unwrap();
     let user = UserId::new(user).unwrap();
     let pending = profiles.start_load(&dirs, Some(&user), APP);
@@ -211,6 +215,16 @@ async fn a_profile_saved_at_teardown_is_loaded_by_the_next_session_of_the_same_u
         std::fs::read(back.join("Default/Bookmarks")).unwrap().len(),
         300_000
     );
+    // All of it belongs to the image's user, whoever owned it when it was saved.
+    for path in ["", "Default", "Default/Cookies", "Default/Bookmarks"] {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::symlink_metadata(back.join(path)).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid()),
+            (IMAGE_USER.uid(), IMAGE_USER.gid()),
+            "{path:?}"
+        );
+    }
     // Nothing of the load is left beside the profile (downloads and staging are unlinked).
     assert_eq!(
         names(&second.base().join("userConfigs")),

@@ -11,8 +11,9 @@
 //! 4. listens on 32261/tcp, 32262/tcp, 32273/tcp and 32263/udp, then writes
 //!    `done_sleeping_until_X_clients` (the host's readiness marker);
 //! 5. answers each TCP connection with one JSON line describing itself, with `profile_visits`
-//!    (the sessions before this one that its profile remembers) and `initial_data` (the
-//!    `user-initial-file` object, or null) (the application-level
+//!    (the sessions before this one that its profile remembers), `initial_data` (the
+//!    `user-initial-file` object, or null) and `profile_owners` (who owns the profile and the
+//!    files the host put there) (the application-level
 //!    reply that tells a real listener from docker-proxy), then reads lines: `exit N` exits with
 //!    code N; when the first client of 32273/tcp (the protocol's base TCP port) disconnects, the
 //!    stub exits 0, as WhistServer does when the user leaves;
@@ -62,6 +63,9 @@ struct Params {
     profile_visits: u64,
     /// `user-initial-file`'s JSON object, or `null`.
     initial_data: String,
+    /// `{"dir", "stub-visits", "user-initial-file"}`: each `"uid:gid"` as the host left it
+    /// (before the stub touched anything), or `null` where missing.
+    profile_owners: String,
 }
 
 enum Exit {
@@ -129,10 +133,12 @@ fn run(dir: &Path, poll: Duration) -> Result<Exit, String> {
     let profile_dir = PathBuf::from(
         std::env::var("WHIST_PROFILE_DIR").unwrap_or_else(|_| "/whist/userConfigs".into()),
     );
+    let profile_owners = owners_in(&profile_dir);
     let (profile_visits, initial_data) = visit_profile(&profile_dir);
     let params = Arc::new(Params {
         profile_visits,
         initial_data,
+        profile_owners,
         host_port_32262,
         tty,
         gpu_index,
@@ -235,6 +241,22 @@ fn echo_udp(socket: &UdpSocket) {
     }
 }
 
+/// Who owns the profile directory and the files the host put in it: the image's user must be
+/// able to write them (the real browser does not run as root).
+fn owners_in(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let owner = |path: &Path| match std::fs::symlink_metadata(path) {
+        Ok(meta) => format!("\"{}:{}\"", meta.uid(), meta.gid()),
+        Err(_) => "null".to_owned(),
+    };
+    format!(
+        "{{\"dir\":{},\"stub-visits\":{},\"user-initial-file\":{}}}",
+        owner(dir),
+        owner(&dir.join("stub-visits")),
+        owner(&dir.join("user-initial-file"))
+    )
+}
+
 /// Counts this session in the profile and takes the initial browser data; a profile the stub
 /// cannot read or write counts as empty (it is the host's to provide, not the stub's to check).
 fn visit_profile(dir: &Path) -> (u64, String) {
@@ -257,7 +279,7 @@ fn visit_profile(dir: &Path) -> (u64, String) {
 
 fn describe(p: &Params, port: u16) -> String {
     format!(
-        "{{\"mandelbox\":\"stub\",\"port\":{port},\"host_port_32262\":{},\"tty\":{},\"gpu_index\":{},\"session_id\":\"{}\",\"config\":{},\"profile_visits\":{},\"initial_data\":{},\"probe\":{}}}\n",
+        "{{\"mandelbox\":\"stub\",\"port\":{port},\"host_port_32262\":{},\"tty\":{},\"gpu_index\":{},\"session_id\":\"{}\",\"config\":{},\"profile_visits\":{},\"initial_data\":{},\"profile_owners\":{},\"probe\":{}}}\n",
         p.host_port_32262,
         p.tty,
         json_string_or_number(&p.gpu_index),
@@ -265,6 +287,7 @@ fn describe(p: &Params, port: u16) -> String {
         p.config.replace('\n', " "),
         p.profile_visits,
         p.initial_data,
+        p.profile_owners,
         p.probe,
     )
 }

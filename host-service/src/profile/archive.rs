@@ -28,6 +28,8 @@ use nix::fcntl::{AtFlags, OFlag, openat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
 use nix::unistd::{UnlinkatFlags, unlinkat};
 
+use crate::ownership::Owner;
+
 /// What an archive may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -235,13 +237,21 @@ impl<R: Read> Read for Budgeted<R> {
 }
 
 /// Unpacks an LZ4 frame of a tar from `input` into the directory `into` (an open descriptor of
-/// an empty directory only the host can reach). On error, what was written stays: the caller
-/// removes the directory.
+/// an empty directory only the host can reach), every directory and file it makes given to
+/// `owner` when there is one (the archive's own owners are ignored, like the original's). On
+/// error, what was written stays: the caller removes the directory.
 pub fn unpack<R: Read>(
     input: R,
     into: &OwnedFd,
     limits: Limits,
+    owner: Option<Owner>,
 ) -> Result<UnpackStats, ArchiveError> {
+    let give = |fd: &OwnedFd, shown: &str| match owner {
+        Some(owner) => owner
+            .give(fd)
+            .map_err(io_at("change the owner of", Path::new(shown))),
+        None => Ok(()),
+    };
     let budget = Rc::new(Cell::new(HEADER_BUDGET));
     let reader = Budgeted {
         inner: lz4_flex::frame::FrameDecoder::new(input),
@@ -284,7 +294,7 @@ pub fn unpack<R: Read>(
                 budget.set(HEADER_BUDGET);
                 continue;
             }
-            let dir = open_dirs(into, &parts, &shown)?;
+            let dir = open_dirs(into, &parts, &shown, &give)?;
             fchmod(&dir, Mode::from_bits_truncate(mode | 0o700))
                 .map_err(io_at("set permissions of", Path::new(&shown)))?;
             stats.dirs += 1;
@@ -296,8 +306,9 @@ pub fn unpack<R: Read>(
             if stats.bytes.saturating_add(size) > limits.max_bytes {
                 return Err(ArchiveError::TooLarge(limits.max_bytes));
             }
-            let parent = open_dirs(into, parents, &shown)?;
+            let parent = open_dirs(into, parents, &shown, &give)?;
             let file = create_file(&parent, name, mode | 0o600, &shown)?;
+            give(&file, &shown)?;
             // The entry's data, then the budget for the next header.
             budget.set(size);
             let copied = std::io::copy(&mut entry, &mut std::fs::File::from(file))?;
@@ -329,8 +340,14 @@ fn safe_components(raw: &[u8]) -> Result<Vec<&OsStr>, &'static str> {
     Ok(parts)
 }
 
-/// Opens (creating as needed) `parts` below `root`, following no link.
-fn open_dirs(root: &OwnedFd, parts: &[&OsStr], shown: &str) -> Result<OwnedFd, ArchiveError> {
+/// Opens (creating as needed, each new one handed to `give`) `parts` below `root`, following
+/// no link.
+fn open_dirs(
+    root: &OwnedFd,
+    parts: &[&OsStr],
+    shown: &str,
+    give: &dyn Fn(&OwnedFd, &str) -> Result<(), ArchiveError>,
+) -> Result<OwnedFd, ArchiveError> {
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let path = Path::new(shown);
     let mut dir = openat(root, ".", flags, Mode::empty()).map_err(io_at("open", path))?;
@@ -340,7 +357,10 @@ fn open_dirs(root: &OwnedFd, parts: &[&OsStr], shown: &str) -> Result<OwnedFd, A
             Err(nix::Error::ENOENT) => {
                 mkdirat(dir.as_fd(), *part, Mode::from_bits_truncate(0o755))
                     .map_err(io_at("create", path))?;
-                openat(&dir, *part, flags, Mode::empty()).map_err(io_at("open", path))?
+                let made =
+                    openat(&dir, *part, flags, Mode::empty()).map_err(io_at("open", path))?;
+                give(&made, shown)?;
+                made
             }
             Err(e) => return Err(io_at("open", path)(e)),
         };
@@ -405,11 +425,30 @@ mod tests {
             }
         );
         let to = tempfile::tempdir().unwrap();
-        let unpacked = unpack(bytes.as_slice(), &open(to.path()), Limits::default()).unwrap();
+        let owner = Owner::new(4242, 4343);
+        let unpacked = unpack(
+            bytes.as_slice(),
+            &open(to.path()),
+            Limits::default(),
+            Some(owner),
+        )
+        .unwrap();
         assert_eq!(
             (unpacked.files, unpacked.dirs, unpacked.bytes),
             (3, 2, 300_010)
         );
+        // Everything unpacked belongs to the mandelbox's user (the tests run as root).
+        for path in [
+            "Default",
+            "Default/Cookies",
+            "Default/Local Storage",
+            "Default/Local Storage/x",
+            "top",
+        ] {
+            use std::os::unix::fs::MetadataExt as _;
+            let meta = std::fs::symlink_metadata(to.path().join(path)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (4242, 4343), "{path}");
+        }
         assert_eq!(
             std::fs::read(to.path().join("Default/Cookies")).unwrap(),
             b"cookie jar"

@@ -93,15 +93,23 @@ pub async fn write(dirs: &MandelboxDirs, data: &BrowserData) -> Result<(), Mappi
     let extensions = merge_extensions(saved, requested);
     if requested.is_some() {
         let file = json!({ "extensions": extensions }).to_string();
-        mappings::write_atomic(dirs.root(), &relative, IMPORTED_EXTENSIONS, file.as_bytes())
-            .await?;
+        mappings::write_atomic_as(
+            dirs.root(),
+            &relative,
+            IMPORTED_EXTENSIONS,
+            file.as_bytes(),
+            dirs.owner(),
+        )
+        .await?;
     }
     let initial = initial_file(data, &extensions);
-    mappings::write_atomic(
+    // The mandelbox's import script deletes it once read (§3.10): its user owns it.
+    mappings::write_atomic_as(
         dirs.root(),
         &relative,
         USER_INITIAL_FILE,
         initial.as_bytes(),
+        dirs.owner(),
     )
     .await
 }

@@ -538,7 +538,7 @@ fn decrypt_into_profile(
             Mode::empty(),
         )
         .map_err(|e| io("open the staging directory")(e.into()))?;
-        let stats = archive::unpack(plaintext, &staging, limits)?;
+        let stats = archive::unpack(plaintext, &staging, limits, dirs.owner())?;
         let profile = mappings::open_dir_beneath(dirs.root(), &dirs.user_configs_relative())?;
         let names: Vec<_> = nix::dir::Dir::openat(&staging, ".", OFlag::O_RDONLY, Mode::empty())
             .map_err(|e| io("list the staging directory")(e.into()))?

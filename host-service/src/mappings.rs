@@ -67,6 +67,10 @@ const FILE_MODE: u32 = 0o644;
 /// How often a wait for a file the mandelbox writes looks again. The mandelbox's own scripts
 /// poll too; 25 ms keeps the readiness wait's added latency negligible next to a container start.
 const MARKER_POLL: Duration = Duration::from_millis(25);
+/// With an inotify watch, a look every second anyway (a queue overflow loses events).
+const WATCHED_POLL: Duration = Duration::from_secs(1);
+
+mod watch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MappingError {
@@ -441,6 +445,15 @@ pub async fn wait_for_file(
     check_name(&dir_path, name)?;
     // Opening a local directory and a stat take microseconds: no need for the blocking pool.
     let dir = open_dir_beneath(&dirs.root, &dirs.mappings_relative())?;
+    // Woken by inotify (set up before the first look, so no write is missed); polling only
+    // where inotify is not to be had, and as a slow safety net beside it.
+    let watch = match watch::DirWatch::new(&dir) {
+        Ok(watch) => Some(watch),
+        Err(error) => {
+            tracing::debug!(%error, "no inotify watch on the resource mappings: polling");
+            None
+        }
+    };
     let started = Instant::now();
     loop {
         match fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
@@ -448,10 +461,18 @@ pub async fn wait_for_file(
             Err(nix::Error::ENOENT) => {}
             Err(e) => return Err(nix_error("look for", &path)(e)),
         }
-        if started.elapsed() >= timeout {
+        let Some(left) = timeout
+            .checked_sub(started.elapsed())
+            .filter(|l| !l.is_zero())
+        else {
             return Err(MappingError::Timeout { path, timeout });
+        };
+        match &watch {
+            Some(watch) => {
+                let _ = tokio::time::timeout(left.min(WATCHED_POLL), watch.changed()).await;
+            }
+            None => tokio::time::sleep(left.min(MARKER_POLL)).await,
         }
-        tokio::time::sleep(MARKER_POLL).await;
     }
 }
 

@@ -187,6 +187,19 @@ impl Pairing {
         });
     }
 
+    /// The user the mandelbox's own task said the mandelbox is for (from the row it claimed),
+    /// if it said so: `None` before that, and for a mandelbox anyone may pair with.
+    pub fn owning_user(&self, id: MandelboxId) -> Option<UserId> {
+        let slots = match self.slots.lock() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match slots.get(&id)?.owner.as_ref()? {
+            Owner::User(user) => Some(user.clone()),
+            Owner::Anyone => None,
+        }
+    }
+
     /// The mandelbox side: waits up to `wait` for the client's request.
     pub async fn wait_for_request(
         &self,
@@ -286,6 +299,21 @@ mod tests {
         assert_eq!(got.json_data, "{}");
         pairing.answer(id, Ok(ready()));
         assert_eq!(client.await.unwrap(), Ok(ready()));
+    }
+
+    #[test]
+    fn the_owning_user_is_known_once_the_mandelbox_says_so() {
+        let pairing = Pairing::new();
+        let (id, open) = (MandelboxId::random(), MandelboxId::random());
+        assert_eq!(pairing.owning_user(id), None);
+        // Asking does not make a slot.
+        assert!(pairing.is_empty());
+        pairing.set_owner(id, Owner::User(UserId::new("alice").unwrap()));
+        pairing.set_owner(open, Owner::Anyone);
+        assert_eq!(pairing.owning_user(id), Some(UserId::new("alice").unwrap()));
+        assert_eq!(pairing.owning_user(open), None);
+        pairing.remove(id);
+        assert_eq!(pairing.owning_user(id), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -286,7 +286,14 @@ impl<R: ContainerRuntime + Clone + 'static> Endpoint<R> {
             return Ok(());
         };
         let tracked = self.host.is_tracked(&id);
-        let cached = tracked.then(|| self.cached_owner(id)).flatten();
+        // A box whose task already took its row (a claimed warm box, an allocated cold one)
+        // knows its user: no database round trip on the session's critical path.
+        let cached = tracked
+            .then(|| {
+                self.cached_owner(id)
+                    .or_else(|| self.host.pairing.owning_user(id).map(Some))
+            })
+            .flatten();
         let owner = match cached {
             Some(owner) => owner,
             None => {

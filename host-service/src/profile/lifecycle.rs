@@ -302,7 +302,10 @@ impl Profiles {
         // key if it exists, else the prediction.
         let chosen = match &predicted {
             Some(key) if key.contains(&hash) => Some(key.clone()),
-            _ => match self.store.exists(&keys.hashed).await {
+            // The listing covered `<prefix>/`, the hashed key's folder too: a user with no
+            // archive at all (every new user) costs no second request.
+            None => None,
+            Some(_) => match self.store.exists(&keys.hashed).await {
                 Ok(true) => Some(keys.hashed.clone()),
                 Ok(false) => predicted.clone(),
                 Err(error) => return unavailable(error),

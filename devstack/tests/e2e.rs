@@ -324,6 +324,12 @@ async fn a_session_from_scale_up_to_scale_down() {
         .first_line_json()
         .expect("the mandelbox answers JSON");
     assert!(greeting.is_object(), "{greeting}");
+    // The warm box was prepared before anyone asked, yet it goes by the client's session id.
+    assert_eq!(
+        greeting["session_id"].as_str(),
+        request.session_id.as_deref(),
+        "{greeting}"
+    );
 
     // The mandelbox runs: its row RUNNING, its container running on that host, its config
     // written byte for byte.

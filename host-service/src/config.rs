@@ -81,6 +81,10 @@ pub struct Args {
     /// Grace a stopped mandelbox gets between SIGTERM and SIGKILL.
     #[arg(long, env = "WHIST_STOP_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub stop_grace: Duration,
+    /// How often the warm pool looks whether its app's image tag names a new image; waiting
+    /// boxes made from the old one are then replaced.
+    #[arg(long, env = "WHIST_WARM_IMAGE_CHECK", default_value = "10s", value_parser = parse_duration)]
+    pub warm_image_check: Duration,
     /// Power the machine off after a drain (`shutdown now`). Refused in local development.
     #[arg(long, env = "WHIST_POWEROFF", default_value_t = false)]
     pub poweroff: bool,
@@ -189,6 +193,7 @@ pub struct Config {
     pub warm_mandelboxes: WarmTarget,
     pub drain_deadline: Duration,
     pub stop_grace: Duration,
+    pub warm_image_check: Duration,
     pub poweroff: bool,
     pub ops_addr: SocketAddr,
     /// Networks besides loopback that may reach the operations endpoint.
@@ -236,7 +241,12 @@ pub enum ConfigError {
     ProfileSaveTimeout { timeout: Duration, max: Duration },
     #[error("--profile-s3-endpoint {0:?} is not a valid URL")]
     ProfileEndpoint(String),
+    #[error("--warm-image-check must be at least {min:?}, not {every:?}")]
+    WarmImageCheck { every: Duration, min: Duration },
 }
+
+/// The shortest `--warm-image-check`: two Docker calls per look.
+pub const MIN_WARM_IMAGE_CHECK: Duration = Duration::from_millis(100);
 
 /// The audience of Whist's Auth0 access tokens (reference §2.2).
 pub const DEFAULT_AUTH_AUDIENCE: &str = "https://api.fractal.co";
@@ -279,6 +289,12 @@ impl Args {
         if self.mandelboxes_per_gpu == 0 {
             return Err(ConfigError::ZeroPerGpu);
         }
+        if self.warm_image_check < MIN_WARM_IMAGE_CHECK {
+            return Err(ConfigError::WarmImageCheck {
+                every: self.warm_image_check,
+                min: MIN_WARM_IMAGE_CHECK,
+            });
+        }
         if !(0.01..=1024.0).contains(&self.mandelbox_cpus) {
             return Err(ConfigError::Cpus(self.mandelbox_cpus));
         }
@@ -306,6 +322,7 @@ impl Args {
                 .unwrap_or(if env.is_local() { -1 } else { 30 }),
             drain_deadline: self.drain_deadline,
             stop_grace: self.stop_grace,
+            warm_image_check: self.warm_image_check,
             warm_mandelboxes: self.warm_mandelboxes,
             poweroff: self.poweroff,
             ops_addr: self.ops_addr,
@@ -622,6 +639,10 @@ mod tests {
         assert_eq!(parse_port_range("40000-40100"), Ok(40000..40100));
         assert!(parse_port_range("5-5").is_err());
         assert!(parse_port_range("x").is_err());
+        let spin = args(&["--app-env", "localdev", "--warm-image-check", "0s"]).unwrap_err();
+        assert!(spin.contains("--warm-image-check"), "{spin}");
+        let every = args(&["--app-env", "localdev", "--warm-image-check", "250ms"]).unwrap();
+        assert_eq!(every.warm_image_check, Duration::from_millis(250));
     }
 
     proptest::proptest! {

@@ -415,6 +415,12 @@ pub async fn write_params(dirs: &MandelboxDirs, params: &Params) -> Result<(), M
     Ok(())
 }
 
+/// Replaces `session_id` (a warm box's, written with a host-made id before any user, gets the
+/// claimed row's at the claim; the mandelbox reads it again at `.configReady`).
+pub async fn write_session_id(dirs: &MandelboxDirs, session_id: &str) -> Result<(), MappingError> {
+    write_mapping(dirs, SESSION_ID_FILE, session_id.as_bytes()).await
+}
+
 pub async fn mark_params_ready(dirs: &MandelboxDirs) -> Result<(), MappingError> {
     write_mapping(dirs, PARAMS_READY, PARAMS_READY.as_bytes()).await
 }

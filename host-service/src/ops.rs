@@ -35,7 +35,7 @@ pub struct Metrics {
     pub params_ready_seconds: Histogram,
     /// Spin-ups that failed, by cause.
     pub spinup_failures: IntCounterVec,
-    /// Mandelboxes torn down, by reason (`exited`, `failed`, `drained`, `reconciled`).
+    /// Mandelboxes torn down, by reason (`exited`, `failed`, `drained`, `reconciled`, `stopped`, `replaced`).
     pub teardowns: IntCounterVec,
     /// Stale mandelbox rows the sweeper removed.
     pub stale_rows_removed: IntCounter,

@@ -43,6 +43,9 @@ pub type PreparedSender = oneshot::Sender<bool>;
 pub struct WarmPool {
     /// Warm boxes being prepared or waiting for a user.
     waiting: watch::Sender<usize>,
+    /// The id of the image the warm app's tag names, as last looked up: a waiting box made from
+    /// another one is replaced.
+    image: watch::Sender<Option<String>>,
     /// Cancelled when the waiting boxes must go (drain, shutdown).
     stop: CancellationToken,
 }
@@ -57,6 +60,7 @@ impl WarmPool {
     pub fn new() -> Self {
         Self {
             waiting: watch::channel(0).0,
+            image: watch::channel(None).0,
             stop: CancellationToken::new(),
         }
     }
@@ -102,6 +106,19 @@ pub async fn keep_warm<R: ContainerRuntime + Clone + 'static>(
     if target == 0 || host.db.is_none() {
         return;
     }
+    tokio::join!(
+        refill(&host, &shutdown, target, capacity),
+        follow_image(&host, &shutdown)
+    );
+}
+
+/// Starts warm boxes, one at a time, while fewer than `target` wait and a unit is free.
+async fn refill<R: ContainerRuntime + Clone + 'static>(
+    host: &Arc<Host<R>>,
+    shutdown: &CancellationToken,
+    target: usize,
+    capacity: usize,
+) {
     let mut failures: u32 = 0;
     let mut waiting = host.warm.waiting.subscribe();
     let mut live = host.watch_live_mandelboxes();
@@ -142,6 +159,63 @@ pub async fn keep_warm<R: ContainerRuntime + Clone + 'static>(
             () = host.warm.stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Looks every `--warm-image-check` at the image the warm app's tag names, so that waiting boxes
+/// made from an older image are replaced (a new mandelbox image under the same name reaches the
+/// next user, not only the boxes made after the next claim).
+async fn follow_image<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    shutdown: &CancellationToken,
+) {
+    let mut every = tokio::time::interval(host.config.warm_image_check);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = host.warm.stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        // A failed look changes nothing: boxes are replaced only for an image seen to be newer.
+        let Some(id) = image_id_of(host, WARM_APP).await else {
+            continue;
+        };
+        host.warm.image.send_if_modified(|current| {
+            if current.as_deref() == Some(id.as_str()) {
+                return false;
+            }
+            if current.is_some() {
+                tracing::info!(image.id = %id, "the warm app's tag names a new image: waiting boxes are replaced");
+            }
+            *current = Some(id);
+            true
+        });
+    }
+}
+
+/// The id of the image `app` resolves to now; `None` when it cannot be looked up.
+async fn image_id_of<R: ContainerRuntime + Clone + 'static>(
+    host: &Host<R>,
+    app: &str,
+) -> Option<String> {
+    let reference = host.resolve_image(app).await.ok()?;
+    host.runtime.image_id(&reference).await.ok().flatten()
+}
+
+/// Resolves once the pool has seen the warm app's tag name an image other than `mine`; never
+/// when `mine` is unknown.
+async fn image_replaced(pool: &WarmPool, mine: Option<&str>) {
+    let Some(mine) = mine else {
+        return std::future::pending().await;
+    };
+    let mut image = pool.image.subscribe();
+    if image
+        .wait_for(|now| now.as_deref().is_some_and(|now| now != mine))
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -192,6 +266,12 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
     let ended = CancellationToken::new();
     let mut container = None;
     let image = host.resolve_image(&row.app).await;
+    // Looked up before the container is made from the tag: should the tag move in between, the
+    // box is replaced once more than needed, never kept on an old image.
+    let image_id = match &image {
+        Ok(reference) => host.runtime.image_id(reference).await.ok().flatten(),
+        Err(_) => None,
+    };
     let job = Job {
         row: &row,
         handle: &handle,
@@ -230,14 +310,18 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
     );
     let _ = prepared.send(true);
 
-    let claimed = tokio::select! {
-        row = wait_for_claim(&handle) => row,
+    let (claimed, reason) = tokio::select! {
+        row = wait_for_claim(&handle) => (row, "stopped"),
         code = mandelbox::exit_code(&handle) => {
             tracing::warn!(exit_code = ?code, "warm box exited while waiting");
-            None
+            (None, "stopped")
         }
-        () = handle.stop.cancelled() => None,
-        () = host.warm.stop.cancelled() => None,
+        () = handle.stop.cancelled() => (None, "stopped"),
+        () = host.warm.stop.cancelled() => (None, "stopped"),
+        () = image_replaced(&host.warm, image_id.as_deref()) => {
+            tracing::info!("warm box made from an older image: replaced");
+            (None, "replaced")
+        }
     };
     drop(slot);
     let Some(claimed) = claimed else {
@@ -248,7 +332,7 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
             Some(&allocation),
             container.as_ref(),
             MandelboxStatus::Waiting,
-            "stopped",
+            reason,
         )
         .await;
         return;
@@ -289,6 +373,11 @@ async fn claim_and_finish<R: ContainerRuntime + Clone + 'static>(
     }
     let owner = Owner::of(row.user_id.as_ref(), host.config.app_env.is_local());
     host.pairing.set_owner(row.id, owner);
+    // The session the client asked for, in place before `.configReady` (the box was prepared
+    // with a host-made id; its container labels and log directory keep that one).
+    let dirs = crate::mappings::MandelboxDirs::new(&host.config.root_dir, row.id);
+    let session_id = mandelbox::sanitize_session_id(row.session_id.as_deref());
+    crate::mappings::write_session_id(&dirs, &session_id).await?;
     mandelbox::finish(host, row, handle, allocation, private_key).await
 }
 

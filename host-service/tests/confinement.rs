@@ -113,6 +113,10 @@ impl ContainerRuntime for Hostile {
     async fn find_image(&self, app: &str) -> Result<Option<String>, RuntimeError> {
         self.inner.find_image(app).await
     }
+
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        self.inner.image_id(reference).await
+    }
 }
 
 static MAPPINGS: std::sync::Mutex<std::collections::BTreeMap<String, PathBuf>> =

@@ -892,3 +892,59 @@ async fn find_image_matches_the_app_at_a_path_segment_boundary() -> anyhow::Resu
     ));
     Ok(())
 }
+
+/// The id the engine reports for the image behind a tag (what the warm pool compares to notice a
+/// new build under the same name), checked against the Docker CLI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_id_follows_the_tag_to_a_new_image() -> anyhow::Result<()> {
+    let t = TestRun::start().await?;
+    let tag = format!("whist-test-{}/browsers/chrome:current-build", t.id);
+    let cli_id = |reference: &str| -> anyhow::Result<String> {
+        let out = Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}", reference])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "docker image inspect {reference}");
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    };
+    assert_eq!(t.runtime.image_id(&tag).await?, None, "no such tag yet");
+
+    let tagged = Command::new("docker")
+        .args(["tag", STUB_IMAGE, &tag])
+        .output()?;
+    anyhow::ensure!(tagged.status.success(), "docker tag");
+    t.tags.lock().unwrap().push(tag.clone());
+    let first = t
+        .runtime
+        .image_id(&tag)
+        .await?
+        .context("the tagged image")?;
+    assert_eq!(first, cli_id(STUB_IMAGE)?);
+
+    // A new build under the same tag (a label makes it a different image).
+    let mut build = Command::new("docker")
+        .args(["build", "-q", "-t", &tag, "-"])
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write as _;
+        let mut stdin = build.stdin.take().context("stdin")?;
+        writeln!(stdin, "FROM {STUB_IMAGE}\nLABEL whist.test.run={}", t.id)?;
+    }
+    let built = build.wait_with_output()?;
+    anyhow::ensure!(
+        built.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let second = t
+        .runtime
+        .image_id(&tag)
+        .await?
+        .context("the rebuilt image")?;
+    assert_ne!(second, first, "a new image under the same tag has a new id");
+    assert_eq!(second, cli_id(&tag)?);
+    Ok(())
+}

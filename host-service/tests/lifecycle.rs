@@ -1083,3 +1083,77 @@ async fn sigkill_with_warm_boxes_then_restart_leaves_no_orphan() {
     t.assert_clean(None).await;
     binary.imds.stop().await;
 }
+
+/// A new image under the warm app's tag (a new mandelbox build loaded on the host) replaces the
+/// boxes waiting on the old one: the next user gets the new image, not a box made before it.
+#[tokio::test]
+async fn a_new_image_under_the_warm_apps_tag_replaces_the_waiting_boxes() {
+    use host_service::docker::{FakeRuntime, Op};
+    const TAG: &str = "whist/browsers/chrome:current-build";
+    let t = TestHost::new().await;
+    let fake = FakeRuntime::with_images([TAG]);
+    let mut config = t.config();
+    config.warm_mandelboxes = host_service::config::WarmTarget::AtMost(2);
+    config.warm_image_check = Duration::from_millis(200);
+    // The fake's containers never exit by themselves: the drain at the end stops them.
+    config.drain_deadline = Duration::from_millis(100);
+    let signals = Signals::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(host_service::run_with(
+        config,
+        t.identity.clone(),
+        fake.clone(),
+        signals.clone(),
+        move |host| {
+            let _ = tx.send(host);
+        },
+    ));
+    let host = rx.await.unwrap();
+    t.until("two warm boxes to wait", || async {
+        t.waiting_rows().await.len() == 2
+    })
+    .await;
+    let old: BTreeSet<MandelboxId> = t.waiting_rows().await.iter().map(|r| r.id).collect();
+    let capacity = t.capacity().await;
+    // Looks at an unchanged tag replace nothing (two at the boxes' creation, then the pool's).
+    let looked = fake.calls(Op::InspectImage);
+    t.until("the pool to look at its image again", || async {
+        fake.calls(Op::InspectImage) >= looked + 3
+    })
+    .await;
+    let still: BTreeSet<MandelboxId> = t.waiting_rows().await.iter().map(|r| r.id).collect();
+    assert_eq!(
+        still, old,
+        "nothing replaced while the tag names the same image"
+    );
+
+    fake.replace_image(TAG);
+    t.until("two new boxes to wait in place of the old", || async {
+        let waiting = t.waiting_rows().await;
+        waiting.len() == 2 && waiting.iter().all(|r| !old.contains(&r.id))
+    })
+    .await;
+    t.until("the old boxes' containers to be gone", || async {
+        fake.containers().iter().all(|c| {
+            c.spec.labels[LABEL_MANDELBOX_ID]
+                .parse::<MandelboxId>()
+                .is_ok_and(|id| !old.contains(&id))
+        })
+    })
+    .await;
+    assert_eq!(
+        host.metrics
+            .teardowns
+            .with_label_values(&["replaced"])
+            .get(),
+        2
+    );
+    assert_eq!(
+        t.capacity().await,
+        capacity,
+        "capacity is exact after the swap"
+    );
+    signals.drain.cancel();
+    assert_eq!(task.await.unwrap().unwrap(), Stopped::Drained);
+    assert_eq!(t.capacity().await, None, "the instance row is deleted");
+}

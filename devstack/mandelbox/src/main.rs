@@ -4,7 +4,8 @@
 //! In order, like `whist-startup.sh` and `run-whist-server.sh`:
 //! 1. waits for `.paramsReady` in the resource-mapping directory (`/whist/resourceMappings`);
 //! 2. reads `hostPort_for_my_32262_tcp`, `tty`, `gpu_index`, `session_id` and `timeout`;
-//! 3. waits for `.configReady`, then reads `config.json` (it must be JSON); visits its profile
+//! 3. waits for `.configReady`, then reads `session_id` again (a warm box's is rewritten at the
+//!    claim) and `config.json` (it must be JSON); visits its profile
 //!    (`/whist/userConfigs`, or `WHIST_PROFILE_DIR`): reads the number in `stub-visits` (0 when
 //!    missing) and writes it back plus one, so the next session of the same user sees it grown;
 //!    reads and deletes `user-initial-file` as `run-whist-server.sh` does after importing it;
@@ -119,7 +120,7 @@ fn run(dir: &Path, poll: Duration) -> Result<Exit, String> {
     tty.parse::<u8>()
         .map_err(|_| format!("tty is not a number: {tty:?}"))?;
     let gpu_index = read("gpu_index")?;
-    let session_id = read("session_id")?;
+    let warm_session_id = read("session_id")?;
     let timeout_text = read("timeout")?;
     let timeout_seconds = timeout_text
         .parse::<i64>()
@@ -127,6 +128,12 @@ fn run(dir: &Path, poll: Duration) -> Result<Exit, String> {
 
     eprintln!("mandelbox-stub: parameters read; waiting for .configReady");
     wait_for(&dir.join(".configReady"), poll);
+    // A warm box learns its session at the claim: the host rewrites `session_id` before
+    // `.configReady`, and this is the value the session goes by.
+    let session_id = read("session_id")?;
+    if session_id != warm_session_id {
+        eprintln!("mandelbox-stub: session {warm_session_id} became {session_id} at the claim");
+    }
     let config = read("config.json")?;
     if !looks_like_json_object(&config) {
         return Err(format!("config.json is not a JSON object: {config:?}"));

@@ -401,6 +401,22 @@ impl ContainerRuntime for DockerRuntime {
             .map(|(_, tag)| tag.clone());
         Ok(best)
     }
+
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        match self
+            .call(
+                Op::InspectImage,
+                reference,
+                API_CALL_TIMEOUT,
+                self.docker.inspect_image(reference),
+            )
+            .await
+        {
+            Ok(image) => Ok(image.id),
+            Err(RuntimeError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

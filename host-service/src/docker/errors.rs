@@ -15,6 +15,7 @@ pub enum Op {
     List,
     Events,
     FindImage,
+    InspectImage,
 }
 
 impl fmt::Display for Op {
@@ -29,6 +30,7 @@ impl fmt::Display for Op {
             Self::List => "list",
             Self::Events => "events",
             Self::FindImage => "find image",
+            Self::InspectImage => "inspect image",
         })
     }
 }

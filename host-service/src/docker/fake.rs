@@ -46,6 +46,8 @@ struct State {
     created_count: u64,
     /// Image tags, oldest first.
     images: Vec<String>,
+    /// How many times each tag was given a new image ([`FakeRuntime::replace_image`]).
+    image_generations: HashMap<String, u32>,
     failures: HashMap<Op, VecDeque<RuntimeError>>,
     calls: HashMap<Op, usize>,
     // Unbounded: a test fake, and a slow test must not make the fake drop events. The real
@@ -142,6 +144,16 @@ impl FakeRuntime {
     /// Adds a local image tag (the newest so far).
     pub fn add_image(&self, tag: impl Into<String>) {
         self.lock().images.push(tag.into());
+    }
+
+    /// Points `tag` at a new image (as `docker build -t` or a pull of a newer image does): its
+    /// [`image_id`](ContainerRuntime::image_id) changes.
+    pub fn replace_image(&self, tag: &str) {
+        *self
+            .lock()
+            .image_generations
+            .entry(tag.to_owned())
+            .or_default() += 1;
     }
 
     /// Makes the next call of `op` fail with `error` (queued: several calls fail in order).
@@ -390,6 +402,16 @@ impl ContainerRuntime for FakeRuntime {
             .rev()
             .find(|tag| image_matches_app(app, tag))
             .cloned())
+    }
+
+    async fn image_id(&self, reference: &str) -> Result<Option<String>, RuntimeError> {
+        let mut state = self.lock();
+        state.begin(Op::InspectImage)?;
+        if !state.images.iter().any(|tag| tag == reference) {
+            return Ok(None);
+        }
+        let generation = state.image_generations.get(reference).copied().unwrap_or(0);
+        Ok(Some(format!("sha256:fake-{reference}-{generation}")))
     }
 }
 

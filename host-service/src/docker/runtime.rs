@@ -65,4 +65,11 @@ pub trait ContainerRuntime: Send + Sync {
         &self,
         app: &str,
     ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+
+    /// The id (`sha256:…`) of the local image that `reference` (a tag) names now; `None` when
+    /// there is none. A new image under the same tag has another id.
+    fn image_id(
+        &self,
+        reference: &str,
+    ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
 }

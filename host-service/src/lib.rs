@@ -41,6 +41,7 @@ pub mod registration;
 pub mod resources;
 pub mod ttys;
 pub mod uinput;
+pub mod vitals;
 pub mod warm;
 
 use std::sync::Arc;
@@ -191,6 +192,9 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
     // The operations endpoint answers from the start: /healthz while the row is awaited (up to
     // five minutes), /readyz saying why the host is not ready yet.
     let metrics = ops::Metrics::new()?;
+    metrics
+        .vitals
+        .watch_volume(vitals::VOLUME_ROOT, &config.root_dir);
     let readiness = Arc::new(ops::Readiness::default());
     let ops_listener = tokio::net::TcpListener::bind(config.ops_addr)
         .await
@@ -278,6 +282,11 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         return Ok(Stopped::DrainingAtStart);
     }
     json_transport.start(&host, background.clone());
+    tasks.spawn(vitals::follow_docker_engine(
+        host.runtime.clone(),
+        metrics.clone(),
+        background.clone(),
+    ));
     tasks.spawn(host.clone().follow_docker_events(background.clone()));
 
     reconcile::reconcile(&host).await?;

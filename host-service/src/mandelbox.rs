@@ -241,6 +241,7 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
 
     // The guarded claim makes a repeated delivery, or a second host, a no-op. Resolving the
     // image reads nothing the claim protects, so it runs meanwhile.
+    let mut phases = host.metrics.spinup_phases();
     let claim = async {
         match &host.db {
             Some(db) => db
@@ -255,6 +256,7 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
         }
     };
     let (claimed, image) = tokio::join!(claim, host.resolve_image(&row.app));
+    phases.lap("claim");
     match claimed {
         Ok(true) => {}
         Ok(false) => {
@@ -402,6 +404,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
         ended,
     } = *job;
     let id = row.id;
+    let mut phases = host.metrics.spinup_phases();
     // Checked at every spin-up: a profile unloaded since the start must not go unnoticed.
     let apparmor = crate::confinement::apparmor_for_mandelbox(
         host.config.app_env,
@@ -413,6 +416,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
     created_dirs?;
     let image = image?;
     let input = input?;
+    phases.lap("files");
     let private_key = new_private_key();
     let mut attempt = 1;
     loop {
@@ -466,6 +470,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
             Err(error) => return Err(error.into()),
         }
     }
+    phases.lap("container");
     if let Some(devices) = input {
         // The protocol's input driver connects once it starts; the devices live until then and
         // until the mandelbox ends.
@@ -480,6 +485,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
         });
     }
     mappings::mark_params_ready(&dirs).await?;
+    phases.lap("params");
     host.metrics
         .params_ready_seconds
         .observe(event_at.elapsed().as_secs_f64());
@@ -504,12 +510,14 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     // The profile's download starts before the token arrives (§3.10 "speculative").
     let pending = crate::profile::lifecycle::start(host.profiles.as_deref(), &dirs, row);
+    let mut phases = host.metrics.spinup_phases();
     let request = unless_exited(
         handle,
         host.pairing
             .wait_for_request(id, host.config.json_transport_timeout),
     )
     .await??;
+    phases.lap("client");
     // Bounded like the readiness wait: a slow S3 costs the user their profile, not the session.
     let profile = crate::profile::lifecycle::put_in_place(
         host.profiles.as_deref(),
@@ -519,18 +527,21 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
         host.config.ready_timeout,
     );
     unless_exited(handle, profile).await?;
+    phases.lap("profile");
     mappings::write_config(&dirs, &request.json_data).await?;
     unless_exited(
         handle,
         mappings::wait_for_file(&dirs, mappings::READY_MARKER, host.config.ready_timeout),
     )
     .await??;
+    phases.lap("ready");
 
     if let Some(db) = &host.db {
         db.transition_mandelbox_status(&id, MandelboxStatus::Connecting, MandelboxStatus::Running)
             .await?
             .ok_or(SpinUpError::RowGone)?;
     }
+    phases.lap("running");
     Ok(ClientAnswer {
         host_ports: allocation.ports.iter().map(|(c, h)| (c.port, *h)).collect(),
         private_key,
@@ -625,6 +636,7 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
         .mandelboxes
         .with_label_values(&["stopping"])
         .inc();
+    let mut phases = host.metrics.teardown_phases();
     if let Some(db) = &host.db
         && status != MandelboxStatus::Dying
         && let Err(error) = db
@@ -633,21 +645,26 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
     {
         tracing::warn!(%error, "cannot mark the mandelbox DYING");
     }
+    phases.lap("mark_dying");
     if let Some(container) = container
         && let Err(error) = host.runtime.remove(container, true).await
     {
         tracing::warn!(%error, "cannot remove the container");
     }
+    phases.lap("remove_container");
     if let Some(allocation) = allocation {
         host.free(id, allocation);
     }
     let dirs = MandelboxDirs::new(&host.config.root_dir, id);
     // The container is gone, so nothing writes to the profile any more; its files go next.
     crate::profile::lifecycle::save(host.profiles.as_deref(), &dirs).await;
+    phases.lap("save_profile");
     if let Err(error) = dirs.remove().await {
         tracing::warn!(%error, "cannot remove the mandelbox's files");
     }
+    phases.lap("remove_files");
     host.delete_row(id).await;
+    phases.lap("delete_row");
     host.pairing.remove(id);
     host.metrics
         .mandelboxes

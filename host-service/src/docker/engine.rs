@@ -401,6 +401,16 @@ impl ContainerRuntime for DockerRuntime {
             .map(|(_, tag)| tag.clone());
         Ok(best)
     }
+
+    async fn data_root(&self) -> Result<Option<std::path::PathBuf>, RuntimeError> {
+        let info = self
+            .call(Op::Info, "", API_CALL_TIMEOUT, self.docker.info())
+            .await?;
+        Ok(info
+            .docker_root_dir
+            .filter(|dir| !dir.is_empty())
+            .map(std::path::PathBuf::from))
+    }
 }
 
 #[cfg(test)]

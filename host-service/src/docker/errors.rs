@@ -15,6 +15,8 @@ pub enum Op {
     List,
     Events,
     FindImage,
+    /// `docker info`: the engine's health probe and data root.
+    Info,
 }
 
 impl fmt::Display for Op {
@@ -29,6 +31,7 @@ impl fmt::Display for Op {
             Self::List => "list",
             Self::Events => "events",
             Self::FindImage => "find image",
+            Self::Info => "info",
         })
     }
 }

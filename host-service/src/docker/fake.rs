@@ -47,6 +47,8 @@ struct State {
     /// Image tags, oldest first.
     images: Vec<String>,
     failures: HashMap<Op, VecDeque<RuntimeError>>,
+    /// What [`ContainerRuntime::data_root`] answers.
+    data_root: Option<std::path::PathBuf>,
     calls: HashMap<Op, usize>,
     // Unbounded: a test fake, and a slow test must not make the fake drop events. The real
     // engine's stream is bounded by the socket.
@@ -208,6 +210,11 @@ impl FakeRuntime {
                 message: "event stream cut by the test".to_owned(),
             }));
         }
+    }
+
+    /// Sets the data root the engine reports (none by default).
+    pub fn set_data_root(&self, dir: impl Into<std::path::PathBuf>) {
+        self.lock().data_root = Some(dir.into());
     }
 
     /// Number of event streams currently open (a stream counts until its receiver is dropped and
@@ -390,6 +397,12 @@ impl ContainerRuntime for FakeRuntime {
             .rev()
             .find(|tag| image_matches_app(app, tag))
             .cloned())
+    }
+
+    async fn data_root(&self) -> Result<Option<std::path::PathBuf>, RuntimeError> {
+        let mut state = self.lock();
+        state.begin(Op::Info)?;
+        Ok(state.data_root.clone())
     }
 }
 

@@ -20,7 +20,8 @@
 //! [`ttys`], [`gpus`], [`resources`] (the allocators), [`uinput`] (input devices), [`mappings`]
 //! (files shared with a mandelbox), [`pairing`] (json_transport), [`mandelbox`] (one mandelbox's
 //! life), [`host`] (what they share and the loops), [`registration`], [`reconcile`], [`ops`]
-//! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint), [`profile`] (users'
+//! (metrics, health), [`vitals`] (memory, CPU, disks, GPUs and the Docker Engine's probe, for
+//! the metrics), [`json_transport`] (the client-facing HTTPS endpoint), [`profile`] (users'
 //! browser profiles in S3 and their initial browser data).
 
 pub mod config;

@@ -256,7 +256,6 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
         }
     };
     let (claimed, image) = tokio::join!(claim, host.resolve_image(&row.app));
-    phases.lap("claim");
     match claimed {
         Ok(true) => {}
         Ok(false) => {
@@ -269,6 +268,7 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
             return;
         }
     }
+    phases.lap("claim");
     let owner = Owner::of(row.user_id.as_ref(), host.config.app_env.is_local());
     host.pairing.set_owner(id, owner);
     tracing::info!("spinning up");

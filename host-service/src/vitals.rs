@@ -54,6 +54,9 @@ pub struct Vitals {
     /// Loaded at the first collection (it is blocking, and most tests never scrape); `None`
     /// where NVML cannot be loaded.
     nvml: OnceLock<Option<nvml_wrapper::Nvml>>,
+    /// One collection at a time: each resets the labelled gauges before it sets them, so a
+    /// concurrent scrape would see them empty.
+    collecting: Mutex<()>,
 }
 
 impl std::fmt::Debug for Vitals {
@@ -136,6 +139,7 @@ impl Vitals {
             gpu_memory_total_bytes,
             volumes: Mutex::new(Vec::new()),
             nvml: OnceLock::new(),
+            collecting: Mutex::new(()),
         })
     }
 
@@ -251,6 +255,10 @@ impl Collector for Vitals {
     /// Blocking (files under `/proc`, `statvfs`, NVML): the scrape handler collects on a
     /// blocking thread.
     fn collect(&self) -> Vec<MetricFamily> {
+        let _one_at_a_time = match self.collecting.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
         self.read_memory();
         self.read_cpu();
         self.read_filesystems();

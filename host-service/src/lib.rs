@@ -285,7 +285,8 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
     json_transport.start(&host, background.clone());
     tasks.spawn(vitals::follow_docker_engine(
         host.runtime.clone(),
-        metrics.clone(),
+        metrics.docker_engine_up.clone(),
+        metrics.vitals.clone(),
         background.clone(),
     ));
     tasks.spawn(host.clone().follow_docker_events(background.clone()));

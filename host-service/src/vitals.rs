@@ -324,15 +324,16 @@ fn parse_cpu_ticks(text: &str) -> Option<[u64; 8]> {
 }
 
 /// Asks the engine for its data root every [`DOCKER_PROBE_INTERVAL`] until `shutdown`: an
-/// answer sets `docker_engine_up` to 1 and reports the data root's filesystem, an error or no
-/// answer within the engine's API deadline sets it to 0.
+/// answer sets `engine_up` (`docker_engine_up`) to 1 and reports the data root's filesystem in
+/// `vitals`, an error or no answer within the engine's API deadline sets it to 0.
 pub async fn follow_docker_engine<R: ContainerRuntime>(
     runtime: R,
-    metrics: crate::ops::Metrics,
+    engine_up: IntGauge,
+    vitals: Arc<Vitals>,
     shutdown: CancellationToken,
 ) {
     loop {
-        probe_docker_engine(&runtime, &metrics).await;
+        probe_docker_engine(&runtime, &engine_up, &vitals).await;
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(DOCKER_PROBE_INTERVAL) => {}
@@ -343,25 +344,26 @@ pub async fn follow_docker_engine<R: ContainerRuntime>(
 /// One probe of [`follow_docker_engine`]; returns whether the engine answered.
 pub async fn probe_docker_engine<R: ContainerRuntime>(
     runtime: &R,
-    metrics: &crate::ops::Metrics,
+    engine_up: &IntGauge,
+    vitals: &Vitals,
 ) -> bool {
-    let was_up = metrics.docker_engine_up.get() == 1;
+    let was_up = engine_up.get() == 1;
     match runtime.data_root().await {
         Ok(root) => {
             if let Some(root) = root {
-                metrics.vitals.watch_volume(VOLUME_DOCKER, &root);
+                vitals.watch_volume(VOLUME_DOCKER, &root);
             }
             if !was_up {
                 tracing::info!("the Docker Engine answers");
             }
-            metrics.docker_engine_up.set(1);
+            engine_up.set(1);
             true
         }
         Err(error) => {
             if was_up {
                 tracing::warn!(%error, "the Docker Engine does not answer");
             }
-            metrics.docker_engine_up.set(0);
+            engine_up.set(0);
             false
         }
     }
@@ -391,7 +393,28 @@ mod tests {
     #[tokio::test]
     async fn the_engine_probe_says_down_on_an_error_and_up_with_its_data_root() {
         use crate::docker::{FakeRuntime, Op, RuntimeError};
-        let metrics = crate::ops::Metrics::new().unwrap();
+        let engine_up = IntGauge::new("docker_engine_up", "test").unwrap();
+        let vitals = Vitals::new().unwrap();
+        let docker_paths = |vitals: &Vitals| -> Vec<String> {
+            vitals
+                .collect()
+                .iter()
+                .filter(|f| f.name() == "filesystem_size_bytes")
+                .flat_map(|f| f.get_metric().to_vec())
+                .filter(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "volume" && l.value() == VOLUME_DOCKER)
+                })
+                .flat_map(|m| {
+                    m.get_label()
+                        .iter()
+                        .filter(|l| l.name() == "path")
+                        .map(|l| l.value().to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
         let fake = FakeRuntime::new();
         let dir = tempfile::tempdir().unwrap();
         fake.set_data_root(dir.path());
@@ -404,16 +427,12 @@ mod tests {
                 message: "connection refused".to_owned(),
             },
         );
-        assert!(!probe_docker_engine(&fake, &metrics).await);
-        assert_eq!(metrics.docker_engine_up.get(), 0);
-        assert!(!metrics.render().contains("volume=\"docker\""));
-        assert!(probe_docker_engine(&fake, &metrics).await);
-        assert_eq!(metrics.docker_engine_up.get(), 1);
-        let series = format!(
-            "whist_host_filesystem_size_bytes{{path=\"{}\",volume=\"docker\"}}",
-            dir.path().display()
-        );
-        assert!(metrics.render().contains(&series), "{}", metrics.render());
+        assert!(!probe_docker_engine(&fake, &engine_up, &vitals).await);
+        assert_eq!(engine_up.get(), 0);
+        assert!(docker_paths(&vitals).is_empty());
+        assert!(probe_docker_engine(&fake, &engine_up, &vitals).await);
+        assert_eq!(engine_up.get(), 1);
+        assert_eq!(docker_paths(&vitals), [dir.path().display().to_string()]);
     }
 
     #[test]

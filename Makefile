@@ -29,7 +29,7 @@ SUDO_ENV := $(if $(SUDO),$(SUDO) --preserve-env)
 .PHONY: help setup setup-system setup-python setup-image build run run-stack chaos test check check-artifacts fmt clippy bench schema \
         run_host_service run_host_service_localdev run_host_service_localdevwithdb run_host_service_dev \
         run_scaling_service run_scaling_service_localdev run_scaling_service_localdevwithdb run_scaling_service_dev \
-        run_scaling_service_simulation compare
+        run_scaling_service_simulation compare render-dashboard
 
 help:
 	@echo "make run     run the whole system: the stack, the scaling service, a host service per launched instance; Ctrl-C stops it"
@@ -40,6 +40,7 @@ help:
 	@echo "make bench   print the benchmarks' figures"
 	@echo "make compare every scaling algorithm on every trace of the corpus; rewrites the table in docs/scaling-service.md"
 	@echo "make schema  regenerate schema.graphql from the migrations"
+	@echo "make render-dashboard  draw the dashboard's host health row over the alert tests' recorded scenario"
 	@echo "make run_host_service_localdevwithdb   a host service against the stack (make run-stack first; as root, through sudo)"
 	@echo "make run_host_service[_localdev]       the same without the database: a json_transport request starts its mandelbox"
 	@echo "make run_host_service_dev              a host service on a dev EC2 host (HASURA_GRAPHQL_URL, HASURA_ADMIN_SECRET set)"
@@ -118,6 +119,14 @@ test: setup check-artifacts
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+# The dashboard's "Host health" row over the operator's scenario of alerts.test.yml, into
+# docs/observability/dashboard-scenario.png: no Grafana here, so Debian's prometheus answers the
+# panels' queries over the backfilled series and matplotlib (installed into the venv on first
+# use) draws them (docs/operations.md, "Read the dashboards").
+render-dashboard: setup-system setup-python
+	@$(VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q --disable-pip-version-check matplotlib==3.11.2
+	$(VENV)/bin/python docs/observability/render.py docs/observability/dashboard-scenario.png "Host health"
 
 fmt:
 	$(CARGO) fmt --all -- --check

@@ -68,6 +68,8 @@ def host_metrics() -> set[str]:
     prefix = re.search(r'Registry::new_custom\(Some\("([a-z_]+)"', text)
     if not prefix:
         raise SystemExit("cannot find the metrics prefix in host-service/src/ops.rs")
+    # The vitals (memory, CPU, disks, GPUs) are registered into the same registry.
+    text += (ROOT / "host-service/src/vitals.rs").read_text()
     names = re.findall(
         r'(?:Opts::new|HistogramOpts::new|IntCounter::new|IntGauge::new|Gauge::new|Counter::new)\(\s*"([a-z_]+)"',
         text,
@@ -77,6 +79,7 @@ def host_metrics() -> set[str]:
 
 def histograms_in_code() -> set[str]:
     text = (ROOT / "host-service/src/ops.rs").read_text()
+    text += (ROOT / "host-service/src/vitals.rs").read_text()
     return {f"whist_host_{n}" for n in re.findall(r'HistogramOpts::new\(\s*"([a-z_]+)"', text)}
 
 
@@ -558,6 +561,10 @@ def check_alerts() -> None:
         "unmet assignments": "WhistUnmetAssignments",
         "heartbeat failures": "WhistHostHeartbeatFailures",
         "leader missing": "WhistScalingLeaderMissing",
+        "a slow host": "WhistHostSlowJsonTransport",
+        "a full disk": "WhistHostDiskFull",
+        "a failing Docker Engine": "WhistHostDockerEngineDown",
+        "failing scaling actions": "WhistScalingActionsFailing",
     }
     for what, name in required.items():
         if name not in names:

@@ -21,6 +21,10 @@ pub struct AssignRequest {
     pub user_email: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// The app to run, e.g. `chrome` (the default when absent); one of the apps the deployment
+    /// runs (the scaling service's `WHIST_ALLOWED_APPS`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
 }
 
 impl AssignRequest {
@@ -37,6 +41,7 @@ impl AssignRequest {
             session_id: Some(new_session_id()),
             user_email,
             version: None,
+            app: None,
         }
     }
 }

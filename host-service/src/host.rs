@@ -361,8 +361,12 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
     /// the stream was down is not lost.
     pub async fn follow_docker_events(self: Arc<Self>, shutdown: CancellationToken) {
         let mut retries = EVENTS_RETRY.start();
+        let mut reopened = false;
         while !shutdown.is_cancelled() {
             let mut events = Box::pin(self.runtime.events());
+            if std::mem::replace(&mut reopened, true) {
+                self.metrics.docker_events_reconnects.inc();
+            }
             self.metrics.docker_events_up.set(1);
             self.check_tracked_containers().await;
             loop {

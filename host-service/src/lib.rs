@@ -20,7 +20,8 @@
 //! [`ttys`], [`gpus`], [`resources`] (the allocators), [`uinput`] (input devices), [`mappings`]
 //! (files shared with a mandelbox), [`pairing`] (json_transport), [`mandelbox`] (one mandelbox's
 //! life), [`host`] (what they share and the loops), [`registration`], [`reconcile`], [`ops`]
-//! (metrics, health), [`json_transport`] (the client-facing HTTPS endpoint), [`profile`] (users'
+//! (metrics, health), [`vitals`] (memory, CPU, disks, GPUs and the Docker Engine's probe, for
+//! the metrics), [`json_transport`] (the client-facing HTTPS endpoint), [`profile`] (users'
 //! browser profiles in S3 and their initial browser data).
 
 pub mod config;
@@ -42,6 +43,7 @@ pub mod registration;
 pub mod resources;
 pub mod ttys;
 pub mod uinput;
+pub mod vitals;
 pub mod warm;
 
 use std::sync::Arc;
@@ -192,6 +194,9 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
     // The operations endpoint answers from the start: /healthz while the row is awaited (up to
     // five minutes), /readyz saying why the host is not ready yet.
     let metrics = ops::Metrics::new()?;
+    metrics
+        .vitals
+        .watch_volume(vitals::VOLUME_ROOT, &config.root_dir);
     let readiness = Arc::new(ops::Readiness::default());
     let ops_listener = tokio::net::TcpListener::bind(config.ops_addr)
         .await
@@ -279,6 +284,12 @@ pub async fn run_with<R: ContainerRuntime + Clone + 'static>(
         return Ok(Stopped::DrainingAtStart);
     }
     json_transport.start(&host, background.clone());
+    tasks.spawn(vitals::follow_docker_engine(
+        host.runtime.clone(),
+        metrics.docker_engine_up.clone(),
+        metrics.vitals.clone(),
+        background.clone(),
+    ));
     tasks.spawn(host.clone().follow_docker_events(background.clone()));
 
     reconcile::reconcile(&host).await?;

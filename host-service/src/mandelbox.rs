@@ -212,6 +212,7 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
 
     // The guarded claim makes a repeated delivery, or a second host, a no-op. Resolving the
     // image reads nothing the claim protects, so it runs meanwhile.
+    let mut phases = host.metrics.spinup_phases();
     let claim = async {
         match &host.db {
             Some(db) => db
@@ -238,6 +239,7 @@ async fn run_allocated<R: ContainerRuntime + Clone + 'static>(
             return;
         }
     }
+    phases.lap("claim");
     let owner = Owner::of(row.user_id.as_ref(), host.config.app_env.is_local());
     host.pairing.set_owner(id, owner);
     tracing::info!("spinning up");
@@ -373,6 +375,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
         ended,
     } = *job;
     let id = row.id;
+    let mut phases = host.metrics.spinup_phases();
     // Checked at every spin-up: a profile unloaded since the start must not go unnoticed.
     let apparmor = crate::confinement::apparmor_for_mandelbox(
         host.config.app_env,
@@ -384,6 +387,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
     created_dirs?;
     let image = image?;
     let input = input?;
+    phases.lap("files");
     let private_key = spec::new_private_key();
     let machine = Machine::probe(host.gpu_count);
     let mut attempt = 1;
@@ -439,6 +443,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
             Err(error) => return Err(error.into()),
         }
     }
+    phases.lap("container");
     if let Some(devices) = input {
         // The protocol's input driver connects once it starts; the devices live until then and
         // until the mandelbox ends.
@@ -453,6 +458,7 @@ pub(crate) async fn prepare<R: ContainerRuntime + Clone + 'static>(
         });
     }
     mappings::mark_params_ready(&dirs).await?;
+    phases.lap("params");
     host.metrics
         .params_ready_seconds
         .observe(event_at.elapsed().as_secs_f64());
@@ -475,16 +481,16 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
 ) -> Result<ClientAnswer, SpinUpError> {
     let id = row.id;
     let dirs = dirs_of(host, id);
-    let mut phases = Phases::start();
     // The profile's download starts before the token arrives (§3.10 "speculative").
     let pending = crate::profile::lifecycle::start(host.profiles.as_deref(), &dirs, row);
+    let mut phases = host.metrics.spinup_phases();
     let request = unless_exited(
         handle,
         host.pairing
             .wait_for_request(id, host.config.json_transport_timeout),
     )
     .await??;
-    phases.mark("request");
+    phases.lap("client");
     // Bounded like the readiness wait: a slow S3 costs the user their profile, not the session.
     let profile = crate::profile::lifecycle::put_in_place(
         host.profiles.as_deref(),
@@ -494,59 +500,26 @@ pub(crate) async fn finish<R: ContainerRuntime + Clone + 'static>(
         host.config.ready_timeout,
     );
     unless_exited(handle, profile).await?;
-    phases.mark("profile");
+    phases.lap("profile");
     mappings::write_config(&dirs, &request.json_data).await?;
-    phases.mark("config");
     unless_exited(
         handle,
         mappings::wait_for_file(&dirs, mappings::READY_MARKER, host.config.ready_timeout),
     )
     .await??;
-    phases.mark("ready");
+    phases.lap("ready");
 
     if let Some(db) = &host.db {
         db.transition_mandelbox_status(&id, MandelboxStatus::Connecting, MandelboxStatus::Running)
             .await?
             .ok_or(SpinUpError::RowGone)?;
     }
-    phases.mark("running");
-    tracing::info!(phases = %phases, "spin-up finished");
+    phases.lap("running");
+    tracing::info!(%phases, "spin-up finished");
     Ok(ClientAnswer {
         host_ports: allocation.ports.iter().map(|(c, h)| (c.port, *h)).collect(),
         private_key,
     })
-}
-
-/// How long each step of [`finish`] took, for its log line: `request=3ms profile=41ms …`
-/// (`request` is the wait for the client's json_transport request).
-struct Phases {
-    last: Instant,
-    done: Vec<(&'static str, Duration)>,
-}
-
-impl Phases {
-    fn start() -> Self {
-        Self {
-            last: Instant::now(),
-            done: Vec::with_capacity(5),
-        }
-    }
-
-    fn mark(&mut self, phase: &'static str) {
-        let now = Instant::now();
-        self.done.push((phase, now - self.last));
-        self.last = now;
-    }
-}
-
-impl std::fmt::Display for Phases {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, (phase, took)) in self.done.iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{phase}={:.1}ms", took.as_secs_f64() * 1e3)?;
-        }
-        Ok(())
-    }
 }
 
 /// Attempts at creating and starting a container when its host ports turn out to be taken.
@@ -637,6 +610,7 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
         .mandelboxes
         .with_label_values(&["stopping"])
         .inc();
+    let mut phases = host.metrics.teardown_phases();
     if let Some(db) = &host.db
         && status != MandelboxStatus::Dying
         && let Err(error) = db
@@ -645,21 +619,26 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
     {
         tracing::warn!(%error, "cannot mark the mandelbox DYING");
     }
+    phases.lap("mark_dying");
     if let Some(container) = container
         && let Err(error) = host.runtime.remove(container, true).await
     {
         tracing::warn!(%error, "cannot remove the container");
     }
+    phases.lap("remove_container");
     if let Some(allocation) = allocation {
         host.free(id, allocation);
     }
     let dirs = dirs_of(host, id);
     // The container is gone, so nothing writes to the profile any more; its files go next.
     crate::profile::lifecycle::save(host.profiles.as_deref(), &dirs).await;
+    phases.lap("save_profile");
     if let Err(error) = dirs.remove().await {
         tracing::warn!(%error, "cannot remove the mandelbox's files");
     }
+    phases.lap("remove_files");
     host.delete_row(id).await;
+    phases.lap("delete_row");
     host.pairing.remove(id);
     host.metrics
         .mandelboxes

@@ -18,10 +18,17 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
+
+use crate::vitals::{SharedVitals, Vitals};
+
+/// json_transport answers by `outcome`: `ok` (ports and key), `refused` (a 4xx: the caller's
+/// request), `failed` (a 5xx: the host or its mandelbox). The JSON body's `code` is the
+/// `code` label (`ok` for an answer).
+pub const JSON_TRANSPORT_OUTCOMES: [&str; 3] = ["ok", "refused", "failed"];
 
 /// The host service's metrics.
 #[derive(Debug, Clone)]
@@ -55,6 +62,54 @@ pub struct Metrics {
     pub warm_claims: IntCounter,
     /// Profile loads and saves that failed (`operation`: `load`, `save`).
     pub profile_failures: IntCounterVec,
+    /// json_transport requests answered, by `outcome` ([`JSON_TRANSPORT_OUTCOMES`]) and `code`.
+    pub json_transport_requests: IntCounterVec,
+    /// Seconds from a json_transport request's head to its answer, by `outcome`.
+    pub json_transport_seconds: HistogramVec,
+    /// Seconds each phase of a spin-up took ([`PhaseClock`], phases in `docs/host-service.md`).
+    pub spinup_phase_seconds: HistogramVec,
+    /// Seconds each phase of a teardown took.
+    pub teardown_phase_seconds: HistogramVec,
+    /// 1 while the Docker Engine answers its probe ([`crate::vitals::follow_docker_engine`]).
+    pub docker_engine_up: IntGauge,
+    /// Times the Docker event stream was reopened after it broke.
+    pub docker_events_reconnects: IntCounter,
+    /// Memory, CPU, disks and GPUs, read on every scrape.
+    pub vitals: Arc<Vitals>,
+}
+
+/// Times consecutive phases of one piece of work: each [`lap`](Self::lap) observes the time
+/// since the previous lap (or the clock's start) under its phase's name. Phases a failed
+/// spin-up never reached are not observed.
+#[derive(Debug)]
+pub struct PhaseClock<'a> {
+    histogram: &'a HistogramVec,
+    last: std::time::Instant,
+    /// The phases ended so far, for a log line (`client=3.1ms profile=0.4ms …`).
+    laps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl PhaseClock<'_> {
+    /// Ends the phase `phase` now and starts the next one.
+    pub fn lap(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        let took = now.duration_since(self.last);
+        self.histogram
+            .with_label_values(&[phase])
+            .observe(took.as_secs_f64());
+        self.laps.push((phase, took));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for PhaseClock<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, took)) in self.laps.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{phase}={:.1}ms", took.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
 }
 
 impl Metrics {
@@ -105,8 +160,51 @@ impl Metrics {
             ),
             &["operation"],
         )?;
+        let json_transport_requests = IntCounterVec::new(
+            Opts::new(
+                "json_transport_requests_total",
+                "json_transport requests answered, by outcome and code",
+            ),
+            &["outcome", "code"],
+        )?;
+        let json_transport_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "json_transport_request_duration_seconds",
+                "json_transport request to answer, by outcome",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0,
+            ]),
+            &["outcome"],
+        )?;
+        let phase_buckets = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let spinup_phase_seconds = HistogramVec::new(
+            HistogramOpts::new("spinup_phase_duration_seconds", "Spin-up phases")
+                .buckets(phase_buckets.clone()),
+            &["phase"],
+        )?;
+        let teardown_phase_seconds = HistogramVec::new(
+            HistogramOpts::new("teardown_phase_duration_seconds", "Teardown phases")
+                .buckets(phase_buckets),
+            &["phase"],
+        )?;
+        let docker_engine_up = IntGauge::new("docker_engine_up", "Docker Engine answers")?;
+        let docker_events_reconnects = IntCounter::new(
+            "docker_events_reconnects_total",
+            "Docker event stream reopened after it broke",
+        )?;
+        let vitals = Arc::new(Vitals::new()?);
         for c in [
-            Box::new(mandelboxes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(SharedVitals(vitals.clone())) as Box<dyn prometheus::core::Collector>,
+            Box::new(json_transport_requests.clone()),
+            Box::new(json_transport_seconds.clone()),
+            Box::new(spinup_phase_seconds.clone()),
+            Box::new(teardown_phase_seconds.clone()),
+            Box::new(docker_engine_up.clone()),
+            Box::new(docker_events_reconnects.clone()),
+            Box::new(mandelboxes.clone()),
             Box::new(spinup_seconds.clone()),
             Box::new(params_ready_seconds.clone()),
             Box::new(spinup_failures.clone()),
@@ -139,7 +237,55 @@ impl Metrics {
             warm_claims,
             docker_events_up,
             profile_failures,
+            json_transport_requests,
+            json_transport_seconds,
+            spinup_phase_seconds,
+            teardown_phase_seconds,
+            docker_engine_up,
+            docker_events_reconnects,
+            vitals,
         })
+    }
+
+    /// A clock for the phases of one spin-up, started now.
+    pub fn spinup_phases(&self) -> PhaseClock<'_> {
+        PhaseClock {
+            histogram: &self.spinup_phase_seconds,
+            last: std::time::Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    /// A clock for the phases of one teardown, started now.
+    pub fn teardown_phases(&self) -> PhaseClock<'_> {
+        PhaseClock {
+            histogram: &self.teardown_phase_seconds,
+            last: std::time::Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    /// Counts one json_transport answer of `status` with the body's `code` (`ok` for an
+    /// answer), taken `elapsed` from the request's head.
+    pub fn observe_json_transport(
+        &self,
+        status: axum::http::StatusCode,
+        code: &str,
+        elapsed: std::time::Duration,
+    ) {
+        let outcome = if status.is_success() {
+            "ok"
+        } else if status.is_client_error() {
+            "refused"
+        } else {
+            "failed"
+        };
+        self.json_transport_requests
+            .with_label_values(&[outcome, code])
+            .inc();
+        self.json_transport_seconds
+            .with_label_values(&[outcome])
+            .observe(elapsed.as_secs_f64());
     }
 
     /// The text exposition format.
@@ -274,13 +420,26 @@ pub async fn serve(
 async fn metrics_handler(
     axum::extract::State(state): axum::extract::State<OpsState>,
 ) -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        state.metrics.render(),
-    )
+    // Collecting reads /proc, statvfs and NVML: blocking calls, off the runtime's threads.
+    let metrics = state.metrics.clone();
+    match tokio::task::spawn_blocking(move || metrics.render()).await {
+        Ok(text) => (
+            StatusCode::OK,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            text,
+        ),
+        Err(error) => {
+            tracing::warn!(%error, "metrics collection failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                "metrics collection failed\n".to_owned(),
+            )
+        }
+    }
 }
 
 async fn readyz(axum::extract::State(state): axum::extract::State<OpsState>) -> impl IntoResponse {

@@ -110,6 +110,10 @@ impl ContainerRuntime for Hostile {
         self.inner.events()
     }
 
+    async fn data_root(&self) -> Result<Option<PathBuf>, RuntimeError> {
+        self.inner.data_root().await
+    }
+
     async fn find_image(&self, app: &str) -> Result<Option<String>, RuntimeError> {
         self.inner.find_image(app).await
     }

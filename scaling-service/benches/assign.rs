@@ -71,6 +71,7 @@ async fn main() {
             enabled_regions: vec![east],
             mandelboxes_per_user: 3,
             allow_local_commit: false,
+            allowed_apps: vec![scaling_service::api::APP.to_owned()],
             regions: HashMap::new(),
         }),
         verifier: Arc::new(StaticVerifier),

@@ -60,14 +60,20 @@ pub enum AssignError {
     UserAlreadyActive,
     #[error("SERVICE_UNAVAILABLE")]
     ServiceUnavailable,
+    /// The request names an app the deployment does not run (a 400 over HTTP, checked before
+    /// anything is assigned).
+    #[error("BAD_REQUEST")]
+    AppNotAllowed,
 }
 
 /// The commit hash a local client sends to mean "whatever the hosts run".
 pub const LOCAL_DEV_COMMIT: &str = "local_dev";
 /// The original's `MANDELBOX_LIMIT_PER_USER` default.
 pub const DEFAULT_MANDELBOXES_PER_USER: usize = 3;
-/// The app every assigned mandelbox runs.
+/// The app an assign request gets when it names none (and the only one warm boxes run).
 pub const APP: &str = "chrome";
+/// Longest app name a request may give.
+const MAX_APP_LEN: usize = 64;
 /// Longest assign body. Enforced while reading, so a larger body is never buffered, and
 /// answered like any bad input: `413 {error: BAD_REQUEST, message}`.
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -90,9 +96,25 @@ pub struct Assigner {
     pub allow_local_commit: bool,
     /// The region controllers, told when capacity was taken (or was missing).
     pub regions: HashMap<Region, mpsc::Sender<Event>>,
+    /// The apps a request may ask for (`WHIST_ALLOWED_APPS`; by default [`APP`] alone).
+    pub allowed_apps: Vec<String>,
 }
 
 impl Assigner {
+    /// The app `request` asks for ([`APP`] when it names none), if the deployment runs it; else
+    /// why not.
+    pub fn app_of<'a>(&'a self, request: &'a AssignRequest) -> Result<&'a str, String> {
+        let app = request.app.as_deref().unwrap_or(APP);
+        if self.allowed_apps.iter().any(|a| a == app) {
+            return Ok(app);
+        }
+        let shown: String = app.chars().take(MAX_APP_LEN).collect();
+        Err(format!(
+            "app {shown:?}: this deployment runs {}",
+            self.allowed_apps.join(", ")
+        ))
+    }
+
     pub async fn assign(
         &self,
         user: &UserId,
@@ -107,6 +129,9 @@ impl Assigner {
         if regions.is_empty() {
             return Err(AssignError::RegionNotEnabled);
         }
+        let app = self
+            .app_of(request)
+            .map_err(|_| AssignError::AppNotAllowed)?;
         let client = format!("{user}/{}", request.session_id.as_deref().unwrap_or(""));
         let params = AssignParams {
             provider: PROVIDER,
@@ -116,7 +141,7 @@ impl Assigner {
             client_commit: &request.client_commit_hash,
             any_commit: self.allow_local_commit && request.client_commit_hash == LOCAL_DEV_COMMIT,
             mandelbox_limit: u32::try_from(self.mandelboxes_per_user).unwrap_or(u32::MAX),
-            app: APP,
+            app,
             new_mandelbox_id: MandelboxId::random(),
         };
         let outcome = self.db.assign_mandelbox(&params).await.map_err(|error| {
@@ -202,7 +227,8 @@ async fn assign(State(state): State<ApiState>, request: Request) -> Response {
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(peer)| peer.ip());
-    let (result, response) = assign_inner(&state, peer, &parts.headers, body).await;
+    let (result, mut response) = assign_inner(&state, peer, &parts.headers, body).await;
+    edge::cors::allow_origin(response.headers_mut());
     state
         .metrics
         .assign_requests
@@ -319,7 +345,8 @@ async fn assign_inner(
             );
         }
     };
-    if let Err(reason) = validate(&request) {
+    if let Err(reason) = validate(&request).and_then(|()| state.assigner.app_of(&request).map(drop))
+    {
         return (
             "BAD_REQUEST",
             error(StatusCode::BAD_REQUEST, "BAD_REQUEST", Some(reason)),
@@ -340,6 +367,13 @@ async fn assign_inner(
                 AssignError::RegionNotEnabled => "REGION_NOT_ENABLED",
                 AssignError::UserAlreadyActive => "USER_ALREADY_ACTIVE",
                 AssignError::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+                // Checked above; kept for callers without HTTP.
+                AssignError::AppNotAllowed => {
+                    return (
+                        "BAD_REQUEST",
+                        error(StatusCode::BAD_REQUEST, "BAD_REQUEST", None),
+                    );
+                }
             };
             (code, error(StatusCode::SERVICE_UNAVAILABLE, code, None))
         }
@@ -371,6 +405,11 @@ fn validate(request: &AssignRequest) -> Result<(), String> {
     Ok(())
 }
 
+/// `OPTIONS /mandelbox/assign`: the CORS preflight, the policy of json_transport's.
+async fn assign_preflight() -> Response {
+    edge::cors::preflight_for(edge::cors::ASSIGN_ALLOW_METHODS)
+}
+
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -399,7 +438,7 @@ pub fn router_with(state: ApiState, forwarder: Arc<Forwarder>) -> Router {
         async move { forwarder.handle(&state, &headers, body).await }
     };
     Router::new()
-        .route("/mandelbox/assign", post(assign))
+        .route("/mandelbox/assign", post(assign).options(assign_preflight))
         .route(
             "/json_transport",
             put(json_transport).options(crate::forward::preflight),

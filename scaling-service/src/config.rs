@@ -112,6 +112,10 @@ pub struct Args {
     /// Mandelboxes one user may hold at once.
     #[arg(long, env = "MANDELBOX_LIMIT_PER_USER", default_value_t = 3)]
     pub mandelboxes_per_user: usize,
+    /// Apps an assign request may ask for, comma-separated (a request naming none gets
+    /// `chrome`); each needs its image on the hosts (`<registry>/<env>/browsers/<app>`).
+    #[arg(long, env = "WHIST_ALLOWED_APPS", default_value = crate::api::APP)]
+    pub allowed_apps: String,
     /// Assign requests per second per client address, checked before authentication.
     #[arg(long, env = "WHIST_ASSIGN_RATE_PER_ADDRESS", default_value_t = crate::admission::DEFAULT_RATE_PER_ADDRESS)]
     pub assign_rate_per_address: f64,
@@ -211,6 +215,8 @@ pub struct Config {
     pub port: u16,
     pub auth: AuthConfig,
     pub mandelboxes_per_user: usize,
+    /// The apps assign requests may ask for.
+    pub allowed_apps: Vec<String>,
     /// Assign's rate limits.
     pub admission: crate::admission::AdmissionSettings,
     /// The HTTP API listener's connection caps.
@@ -248,6 +254,8 @@ pub enum ConfigError {
     Endpoint(String),
     #[error("{what} must not be empty")]
     Empty { what: &'static str },
+    #[error("invalid app {0:?} (WHIST_ALLOWED_APPS): 1 to 64 of a-z, 0-9, '-', '_'")]
+    App(String),
     #[error("{what} must not be 0")]
     Zero { what: &'static str },
     #[error(
@@ -442,6 +450,7 @@ impl Args {
             port: self.port,
             auth,
             mandelboxes_per_user: self.mandelboxes_per_user,
+            allowed_apps: parse_apps(&self.allowed_apps)?,
             admission,
             listener,
             db,
@@ -536,6 +545,30 @@ impl Args {
     }
 }
 
+/// `WHIST_ALLOWED_APPS`: comma-separated app names, each the last part of the image's path
+/// (`chrome` for `browsers/chrome`).
+fn parse_apps(list: &str) -> Result<Vec<String>, ConfigError> {
+    let mut apps = Vec::new();
+    for app in list.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let valid = app.len() <= 64
+            && app
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(ConfigError::App(app.to_owned()));
+        }
+        if !apps.iter().any(|a| a == app) {
+            apps.push(app.to_owned());
+        }
+    }
+    if apps.is_empty() {
+        return Err(ConfigError::Empty {
+            what: "WHIST_ALLOWED_APPS",
+        });
+    }
+    Ok(apps)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,6 +580,27 @@ mod tests {
             .map_err(|e| e.to_string())?
             .validate()
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn allowed_apps_default_to_chrome_and_are_validated() {
+        let base = [
+            "--app-env",
+            "localdevwithdb",
+            "--graphql-url",
+            "http://127.0.0.1:1/v1/graphql",
+            "--regions",
+            "us-east-1",
+        ];
+        assert_eq!(parse(&base).unwrap().allowed_apps, ["chrome"]);
+        let mut listed = base.to_vec();
+        listed.extend(["--allowed-apps", "chrome, brave,chrome"]);
+        assert_eq!(parse(&listed).unwrap().allowed_apps, ["chrome", "brave"]);
+        for bad in ["", " , ", "Chrome", "browsers/brave", "a b"] {
+            let mut argv = base.to_vec();
+            argv.extend(["--allowed-apps", bad]);
+            assert!(parse(&argv).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

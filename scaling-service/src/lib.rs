@@ -216,6 +216,7 @@ pub async fn run_replica(
             enabled_regions: config.regions.clone(),
             mandelboxes_per_user: config.mandelboxes_per_user,
             allow_local_commit: config.app_env.is_local(),
+            allowed_apps: config.allowed_apps.clone(),
             regions: region_events,
         }),
         verifier,

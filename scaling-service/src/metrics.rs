@@ -1,9 +1,19 @@
 //! Prometheus metrics (`GET /metrics`). The names are what the operations dashboard expects.
+//!
+//! The controller's decisions and what became of them: every action of a plan is counted in
+//! `whist_scaling_decisions_total{region, kind}` when the algorithm returns it, and in
+//! `whist_scaling_actions_total{region, kind, result}` once the executor carried it out (`ok`)
+//! or failed (`failed`); an action left untried after an earlier one failed is a decision
+//! without an action. `kind` is [`action_kind`].
 
+use dbclient::types::{ImageId, InstanceId};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+
+use crate::algorithm::{Action, TerminationReason};
+use crate::controller::{ExecError, PlanExecutor};
 
 /// Every metric the service exports.
 #[derive(Debug, Clone)]
@@ -19,6 +29,24 @@ pub struct Metrics {
     pub subscription_up: IntGauge,
     pub lingering_instances: IntGaugeVec,
     pub leader: IntGauge,
+    /// Actions the algorithm planned, by region and kind.
+    pub decisions: IntCounterVec,
+    /// Actions carried out, by region, kind and result (`ok`, `failed`).
+    pub actions: IntCounterVec,
+}
+
+/// The `kind` label of an action: `launch`, `drain`, `terminate`, `delete_row`, `swap_image`,
+/// `abandon_upgrade`; `None` for `RequeueAfter`, which is no action.
+pub fn action_kind(action: &Action) -> Option<&'static str> {
+    Some(match action {
+        Action::Launch { .. } => "launch",
+        Action::Drain { .. } => "drain",
+        Action::Terminate { .. } => "terminate",
+        Action::DeleteRow { .. } => "delete_row",
+        Action::SwapImage { .. } => "swap_image",
+        Action::AbandonUpgrade { .. } => "abandon_upgrade",
+        Action::RequeueAfter(_) => return None,
+    })
 }
 
 impl Metrics {
@@ -94,6 +122,16 @@ impl Metrics {
                 "whist_scaling_leader",
                 "1 while this replica holds the lease",
             )?,
+            decisions: counter_vec(
+                "whist_scaling_decisions_total",
+                "Actions the scaling algorithm planned, by region and kind",
+                &["region", "kind"],
+            )?,
+            actions: counter_vec(
+                "whist_scaling_actions_total",
+                "Actions carried out, by region, kind and result",
+                &["region", "kind", "result"],
+            )?,
             registry,
         })
     }
@@ -108,5 +146,75 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Metrics {
+    /// Counts the actions of `plan` as decisions of `region`.
+    pub fn count_decisions(&self, region: &str, plan: &[Action]) {
+        for kind in plan.iter().filter_map(action_kind) {
+            self.decisions.with_label_values(&[region, kind]).inc();
+        }
+    }
+
+    fn count_action<T>(&self, region: &str, kind: &str, result: &Result<T, ExecError>) {
+        let result = if result.is_ok() { "ok" } else { "failed" };
+        self.actions
+            .with_label_values(&[region, kind, result])
+            .inc();
+    }
+}
+
+/// A [`PlanExecutor`] that counts each action's result in `whist_scaling_actions_total` and
+/// hands it to `inner`.
+#[derive(Debug)]
+pub struct Metered<'a, E: ?Sized> {
+    pub inner: &'a mut E,
+    pub metrics: &'a Metrics,
+    pub region: &'a str,
+}
+
+#[async_trait::async_trait]
+impl<E: PlanExecutor + ?Sized> PlanExecutor for Metered<'_, E> {
+    async fn launch(&mut self, count: u32, image_id: ImageId) -> Result<(), ExecError> {
+        let result = self.inner.launch(count, image_id).await;
+        self.metrics.count_action(self.region, "launch", &result);
+        result
+    }
+
+    async fn drain(&mut self, instance: InstanceId) -> Result<(), ExecError> {
+        let result = self.inner.drain(instance).await;
+        self.metrics.count_action(self.region, "drain", &result);
+        result
+    }
+
+    async fn terminate(
+        &mut self,
+        instance: InstanceId,
+        reason: TerminationReason,
+    ) -> Result<(), ExecError> {
+        let result = self.inner.terminate(instance, reason).await;
+        self.metrics.count_action(self.region, "terminate", &result);
+        result
+    }
+
+    async fn delete_row(&mut self, instance: InstanceId) -> Result<(), ExecError> {
+        let result = self.inner.delete_row(instance).await;
+        self.metrics
+            .count_action(self.region, "delete_row", &result);
+        result
+    }
+
+    async fn swap_image(&mut self, image_id: ImageId) -> Result<(), ExecError> {
+        let result = self.inner.swap_image(image_id).await;
+        self.metrics
+            .count_action(self.region, "swap_image", &result);
+        result
+    }
+
+    fn abandon_upgrade(&mut self, image_id: ImageId) {
+        self.inner.abandon_upgrade(image_id);
+        self.metrics
+            .count_action::<()>(self.region, "abandon_upgrade", &Ok(()));
     }
 }

@@ -39,7 +39,7 @@ use crate::controller::fence::FencedWrites;
 use crate::controller::snapshot::{ControllerState, SnapshotBuilder, report};
 use crate::controller::{PlanExecutor, execute_plan};
 use crate::hosts::{HostHandler, HostInstance, HostState, LaunchRequest};
-use crate::metrics::Metrics;
+use crate::metrics::{Metered, Metrics};
 
 /// The provider written into instance and image rows.
 pub const PROVIDER: &str = "AWS";
@@ -394,7 +394,17 @@ impl RegionController {
     async fn try_step(&mut self) -> Result<Duration, ExecError> {
         let snapshot = self.snapshot().await?;
         let plan = self.algorithm.plan(&snapshot, Utc::now()).await;
-        execute_plan(plan, self).await
+        let Some(metrics) = self.metrics.clone() else {
+            return execute_plan(plan, self).await;
+        };
+        let region = self.shared.settings.region.clone();
+        metrics.count_decisions(region.as_str(), &plan);
+        let mut metered = Metered {
+            inner: self,
+            metrics: &metrics,
+            region: region.as_str(),
+        };
+        execute_plan(plan, &mut metered).await
     }
 
     /// Runs a recorded launch as a tracked task, counted as pending until it reports.

@@ -92,6 +92,7 @@ async fn fixture(hosts: u32, admission: AdmissionSettings) -> Fixture {
             enabled_regions: vec![east, Region::new("us-west-2").unwrap()],
             mandelboxes_per_user: 3,
             allow_local_commit: true,
+            allowed_apps: vec!["chrome".to_owned(), "brave".to_owned()],
             regions: HashMap::new(),
         }),
         verifier: Arc::new(StaticVerifier),
@@ -511,4 +512,100 @@ async fn concurrent_assigns_claim_each_warm_mandelbox_once_and_then_fall_back_to
         assert_eq!(row.mandelboxes.len(), 2);
         assert!(row.mandelboxes.iter().all(|m| m.user_id.is_some()));
     }
+}
+
+/// A browser may call assign: the preflight names POST and the headers a client sends, and
+/// every answer carries the origin header, the policy of json_transport's (`edge::cors`).
+#[tokio::test]
+async fn browsers_get_the_cors_preflight_and_origin_header_on_every_answer() {
+    let fx = fixture(1, AdmissionSettings::unlimited()).await;
+    let c = reqwest::Client::new();
+    let preflight = c
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/mandelbox/assign", fx.url),
+        )
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization, content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    let h = preflight.headers();
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert_eq!(h["access-control-allow-methods"], "POST, OPTIONS");
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "authorization, content-type"
+    );
+    assert!(h.contains_key("access-control-max-age"));
+    // The answer of an assignment, a refusal and a failure alike.
+    for (token, body, status) in [
+        (Some("user:u"), BODY, 200),
+        (None, BODY, 401),
+        (Some("user:v"), "{not json", 400),
+        (
+            Some("user:w"),
+            r#"{"regions":["eu-west-1"],"client_commit_hash":"abc"}"#,
+            503,
+        ),
+    ] {
+        let mut request = c
+            .post(format!("{}/mandelbox/assign", fx.url))
+            .header("origin", "https://app.example")
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status, "{body}");
+        assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    }
+}
+
+/// The app comes from the request where the deployment runs it (here chrome and brave),
+/// chrome when the request names none; another app is a 400 naming it, and nothing is taken.
+#[tokio::test]
+async fn the_app_is_the_requests_when_allowed_and_chrome_by_default() {
+    let fx = fixture(2, AdmissionSettings::unlimited()).await;
+    let c = reqwest::Client::new();
+    let east = Region::new("us-east-1").unwrap();
+    let free = |rows: Vec<dbclient::types::InstanceWithMandelboxes>| {
+        rows.iter()
+            .map(|r| r.instance.remaining_capacity)
+            .sum::<u32>()
+    };
+    let before = free(fx.db.instances_in_region(&east).await.unwrap());
+    let firefox = r#"{"regions":["us-east-1"],"client_commit_hash":"abc","app":"firefox"}"#;
+    let (s, b) = post(&c, &fx, Some("user:a"), firefox).await;
+    assert_eq!((s, b["error"].as_str()), (400, Some("BAD_REQUEST")), "{b}");
+    let message = b["message"].as_str().unwrap();
+    assert!(
+        message.contains("firefox") && message.contains("chrome, brave"),
+        "{message}"
+    );
+    assert_eq!(
+        free(fx.db.instances_in_region(&east).await.unwrap()),
+        before
+    );
+
+    let brave = r#"{"regions":["us-east-1"],"client_commit_hash":"abc","app":"brave"}"#;
+    let (s, b) = post(&c, &fx, Some("user:a"), brave).await;
+    assert_eq!(s, 200, "{b}");
+    let id: dbclient::types::MandelboxId = b["mandelbox_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(fx.db.mandelbox(&id).await.unwrap().unwrap().app, "brave");
+
+    let (s, b) = post(&c, &fx, Some("user:b"), BODY).await;
+    assert_eq!(s, 200, "{b}");
+    let id: dbclient::types::MandelboxId = b["mandelbox_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(fx.db.mandelbox(&id).await.unwrap().unwrap().app, "chrome");
+    assert_eq!(
+        free(fx.db.instances_in_region(&east).await.unwrap()),
+        before - 2
+    );
 }

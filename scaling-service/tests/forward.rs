@@ -276,6 +276,7 @@ async fn fixture_with_timeout(
             enabled_regions: vec![east],
             mandelboxes_per_user: 3,
             allow_local_commit: true,
+            allowed_apps: vec![scaling_service::api::APP.to_owned()],
             regions: HashMap::new(),
         }),
         verifier: Arc::new(StaticVerifier),

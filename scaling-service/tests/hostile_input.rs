@@ -320,6 +320,7 @@ async fn api() -> Api {
             enabled_regions: vec![east, Region::new("us-west-2").unwrap()],
             mandelboxes_per_user: 3,
             allow_local_commit: true,
+            allowed_apps: vec![scaling_service::api::APP.to_owned()],
             regions: HashMap::new(),
         }),
         verifier: Arc::new(jwks_verifier(&jwks)),

@@ -114,6 +114,7 @@ async fn fixture() -> Fixture {
             enabled_regions: vec![east],
             mandelboxes_per_user: 3,
             allow_local_commit: true,
+            allowed_apps: vec![scaling_service::api::APP.to_owned()],
             regions: HashMap::new(),
         }),
         verifier: Arc::new(StaticVerifier),

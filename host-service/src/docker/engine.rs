@@ -417,6 +417,16 @@ impl ContainerRuntime for DockerRuntime {
             Err(e) => Err(e),
         }
     }
+
+    async fn data_root(&self) -> Result<Option<std::path::PathBuf>, RuntimeError> {
+        let info = self
+            .call(Op::Info, "", API_CALL_TIMEOUT, self.docker.info())
+            .await?;
+        Ok(info
+            .docker_root_dir
+            .filter(|dir| !dir.is_empty())
+            .map(std::path::PathBuf::from))
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub enum Op {
     Events,
     FindImage,
     InspectImage,
+    /// `docker info`: the engine's health probe and data root.
+    Info,
 }
 
 impl fmt::Display for Op {
@@ -31,6 +33,7 @@ impl fmt::Display for Op {
             Self::Events => "events",
             Self::FindImage => "find image",
             Self::InspectImage => "inspect image",
+            Self::Info => "info",
         })
     }
 }

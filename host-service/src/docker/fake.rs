@@ -49,6 +49,8 @@ struct State {
     /// How many times each tag was given a new image ([`FakeRuntime::replace_image`]).
     image_generations: HashMap<String, u32>,
     failures: HashMap<Op, VecDeque<RuntimeError>>,
+    /// What [`ContainerRuntime::data_root`] answers.
+    data_root: Option<std::path::PathBuf>,
     calls: HashMap<Op, usize>,
     // Unbounded: a test fake, and a slow test must not make the fake drop events. The real
     // engine's stream is bounded by the socket.
@@ -220,6 +222,11 @@ impl FakeRuntime {
                 message: "event stream cut by the test".to_owned(),
             }));
         }
+    }
+
+    /// Sets the data root the engine reports (none by default).
+    pub fn set_data_root(&self, dir: impl Into<std::path::PathBuf>) {
+        self.lock().data_root = Some(dir.into());
     }
 
     /// Number of event streams currently open (a stream counts until its receiver is dropped and
@@ -412,6 +419,12 @@ impl ContainerRuntime for FakeRuntime {
         }
         let generation = state.image_generations.get(reference).copied().unwrap_or(0);
         Ok(Some(format!("sha256:fake-{reference}-{generation}")))
+    }
+
+    async fn data_root(&self) -> Result<Option<std::path::PathBuf>, RuntimeError> {
+        let mut state = self.lock();
+        state.begin(Op::Info)?;
+        Ok(state.data_root.clone())
     }
 }
 

@@ -1,6 +1,7 @@
 //! The narrow trait the mandelbox lifecycle drives the engine through.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::Stream;
@@ -72,4 +73,9 @@ pub trait ContainerRuntime: Send + Sync {
         &self,
         reference: &str,
     ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+
+    /// The engine's data root (`docker info`'s `DockerRootDir`, e.g. `/var/lib/docker`), where
+    /// images and container layers live; `None` when the engine does not say. Also the host's
+    /// probe of the engine: an answer within the deadline means the engine is up.
+    fn data_root(&self) -> impl Future<Output = Result<Option<PathBuf>, RuntimeError>> + Send;
 }

@@ -381,10 +381,10 @@ async fn json_transport<R: ContainerRuntime + Clone + 'static>(
         .await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let _in_span = span.enter();
-    let mut response = match result {
+    let (code, mut response) = match result {
         Ok(answer) => {
             tracing::info!(elapsed_ms, "json_transport answered");
-            (StatusCode::OK, axum::Json(answer)).into_response()
+            ("ok", (StatusCode::OK, axum::Json(answer)).into_response())
         }
         Err(refusal) => {
             if refusal.status().is_server_error() {
@@ -392,9 +392,13 @@ async fn json_transport<R: ContainerRuntime + Clone + 'static>(
             } else {
                 tracing::info!(%refusal, code = refusal.code(), elapsed_ms, "json_transport refused");
             }
-            refusal.into_response()
+            (refusal.code(), refusal.into_response())
         }
     };
+    endpoint
+        .host
+        .metrics
+        .observe_json_transport(response.status(), code, started.elapsed());
     // The answer carries the mandelbox's key: no cache may keep it.
     response
         .headers_mut()

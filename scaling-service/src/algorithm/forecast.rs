@@ -3,8 +3,8 @@
 //! events) and the users on the hosts.
 //!
 //! - **Recent rate**: arrivals per second within the last `window` (or since the first look,
-//!   while the history is shorter than the window but covers a third of it; before that,
-//!   after a restart, nothing is known).
+//!   while the history is shorter than the window but at least [`WARM_UP_DIVISOR`]th of it;
+//!   before that, after a restart, nothing is known).
 //! - **Session length**, by Little's law: the mean number of users over the window divided by
 //!   the arrival rate. How long the region's demand takes to change, so how long a surplus is
 //!   worth holding.
@@ -20,6 +20,11 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use chrono::{DateTime, Timelike, Utc};
+
+/// The recent rate is known once the history covers this fraction of the window (2 min of
+/// the default 30): an estimate from a few minutes is noisy, but waiting clients still count
+/// as demand, and the configured buffer it replaces is only a guess.
+pub const WARM_UP_DIVISOR: i32 = 15;
 
 /// An hour of day is trusted after this much of it has been observed.
 const PROFILE_TRUSTED_S: f64 = 3600.0;
@@ -125,10 +130,10 @@ impl DemandForecast {
     }
 
     /// Arrivals per second over the last window, or over the history while it is shorter;
-    /// `None` until the history covers a third of the window.
+    /// `None` until the history covers [`WARM_UP_DIVISOR`]th of the window.
     pub fn recent_rate(&self, now: DateTime<Utc>) -> Option<f64> {
         let history = now - self.first_at?;
-        if history < self.window / 3 {
+        if history < self.window / WARM_UP_DIVISOR {
             return None;
         }
         self.rate_over(now, history.min(self.window))
@@ -247,14 +252,15 @@ mod tests {
     }
 
     #[test]
-    fn the_recent_rate_is_unknown_until_a_third_of_the_window_is_covered() {
+    fn the_recent_rate_is_unknown_until_the_warm_up_is_covered() {
         let mut f = DemandForecast::new(Duration::from_secs(600));
         f.observe(t0(), 100, 0);
         // 30 arrivals over the next 10 minutes; the counter's earlier 100 are not counted.
         for n in 1..=30 {
             f.observe(t0() + secs(20 * n), 100 + n as u64, 1);
         }
-        assert!(f.recent_rate(t0() + secs(199)).is_none());
+        // The warm-up of a 10-minute window is 40 s.
+        assert!(f.recent_rate(t0() + secs(39)).is_none());
         // Over the history while it is shorter than the window, then over the window.
         for at in [300, 600] {
             let rate = f.recent_rate(t0() + secs(at)).unwrap();
@@ -312,6 +318,7 @@ mod tests {
         f.observe(t0() + secs(120), 50, 0);
         assert!(f.recent_rate(t0() + secs(120)).is_some());
         f.observe(t0() + secs(30), 60, 0);
-        assert!(f.recent_rate(t0() + secs(45)).is_none());
+        // A 60 s window warms up in 4 s.
+        assert!(f.recent_rate(t0() + secs(33)).is_none());
     }
 }

@@ -20,15 +20,15 @@
 //!   forecast measures (Little's law; the region's demand is mostly a new draw after about one
 //!   session length, so a lull of half of one is likely to last), within
 //!   `[min_hold_down, hold_down]`; `hold_down` before there is a forecast, `min_hold_down`
-//!   when nobody has come for a whole forecast window. Never within `min_lifetime` of the host
+//!   when nobody has come within the forecast window. Never within `min_lifetime` of the host
 //!   becoming ACTIVE, never while clients are being refused, never while hosts launch or boot.
 //!   Which host: old image first (always drained once free and past its minimum lifetime), then
 //!   the emptiest, then the oldest. Only hosts without users are drained, so no user is moved.
 //!
 //! Its state is the recent history of the region's surplus (free slots beyond the target) and
 //! its demand forecast, both fed at every plan; after a restart both are empty and the region
-//! keeps the configured buffer and the longest hold-down for one forecast window, which errs
-//! on the side of capacity.
+//! keeps the configured buffer and the longest hold-down for the forecast's warm-up (a few
+//! minutes), which errs on the side of capacity.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -424,16 +424,16 @@ mod tests {
         let s = snapshot(vec![host(1, "ami-a", 0, t0()), host(2, "ami-a", 0, t0())]);
         let start = t0() + min(30);
         let at = |s: i64| start + chrono::Duration::seconds(s);
-        // Until a third of the window is covered: the configured buffer of 2 and the longest
-        // hold-down, nothing drains.
-        for sec in (0..200).step_by(10) {
+        // Until the warm-up (40 s of a 10-minute window) is covered: the configured buffer of
+        // 2 and the longest hold-down, nothing drains.
+        for sec in (0..40).step_by(10) {
             assert!(drained(&a.plan(&s, at(sec)).await).is_empty());
         }
         // Then quiet: a buffer of one slot, and a surplus held for the shortest hold-down
         // drains one host (and only one: the other keeps the slot).
         let mut drains = Vec::new();
         let mut s = s;
-        for sec in (200..=200 + 2 * config.min_hold_down.as_secs() as i64).step_by(10) {
+        for sec in (40..=40 + 2 * config.min_hold_down.as_secs() as i64).step_by(10) {
             let now = drained(&a.plan(&s, at(sec)).await);
             s.instances.retain(|i| !now.contains(&i.id.as_str().to_owned()));
             drains.extend(now);

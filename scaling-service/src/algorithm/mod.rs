@@ -124,7 +124,7 @@ pub struct AlgorithmConfig {
     /// before a relaunch could be up).
     pub min_hold_down: Duration,
     /// `holdover`: the arrival rate is measured over this window (and nothing is forecast for
-    /// one window after a restart).
+    /// a fifteenth of it after a restart).
     pub forecast_window: Duration,
     /// `holdover`: the buffer it launches for covers the arrivals expected within this time.
     pub forecast_horizon: Duration,

@@ -116,7 +116,11 @@ pub fn decide(snapshot: &Snapshot, config: &AlgorithmConfig, now: DateTime<Utc>)
 
     // 1. Lingering and never-registered hosts.
     let (mut actions, mut next_check) = overdue_terminations(snapshot, config, true, now);
-    let terminated: HashSet<InstanceId> = actions.iter().filter_map(Action::instance).cloned().collect();
+    let terminated: HashSet<InstanceId> = actions
+        .iter()
+        .filter_map(Action::instance)
+        .cloned()
+        .collect();
     // Hosts the plan may still count and act on.
     let live: Vec<&InstanceView> = snapshot
         .instances

@@ -86,7 +86,9 @@ impl DemandForecast {
         if self.users.back().is_none_or(|(_, u)| *u != users) {
             self.users.push_back((now, users));
         }
-        let start = now.checked_sub_signed(self.window).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let start = now
+            .checked_sub_signed(self.window)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         while self.arrivals.front().is_some_and(|(t, _)| *t <= start) {
             self.arrivals.pop_front();
         }
@@ -117,7 +119,9 @@ impl DemandForecast {
         if !covered || secs <= 0.0 {
             return None;
         }
-        let start = now.checked_sub_signed(span).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let start = now
+            .checked_sub_signed(span)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let n: u64 = self
             .arrivals
             .iter()
@@ -162,7 +166,9 @@ impl DemandForecast {
 
     /// Mean users over the last window (time-weighted).
     pub fn mean_users(&self, now: DateTime<Utc>) -> f64 {
-        let start = now.checked_sub_signed(self.window).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let start = now
+            .checked_sub_signed(self.window)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut area = 0.0;
         for (n, (since, users)) in self.users.iter().enumerate() {
             let from = (*since).max(start);
@@ -171,9 +177,7 @@ impl DemandForecast {
                 area += f64::from(*users) * seconds(to - from);
             }
         }
-        let span = self
-            .first_at
-            .map_or(0.0, |f| seconds(now - f.max(start)));
+        let span = self.first_at.map_or(0.0, |f| seconds(now - f.max(start)));
         if span > 0.0 { area / span } else { 0.0 }
     }
 

@@ -4,9 +4,10 @@
 //!
 //! - **The buffer follows demand.** With a forecast ([`DemandForecast`]: the recent arrival
 //!   rate, and from the second day the daily profile for the minutes ahead), the region keeps
-//!   free the slots that cover the arrivals expected within `forecast_horizon` (a boot, the time
-//!   a new host takes to help) with a risk of `buffer_risk_percent` of falling short: the
-//!   Poisson quantile, at least one slot (unless `desired_free_mandelboxes` is 0). Until it has
+//!   free the slots that cover the arrivals expected within `forecast_horizon` (or within one
+//!   session length, if sessions are shorter: those leave before more pile up) with a risk of
+//!   `buffer_risk_percent` of falling short: the Poisson quantile, at least one slot (unless
+//!   `desired_free_mandelboxes` is 0). Until it has
 //!   a forecast (a fresh process), the buffer is `desired_free_mandelboxes`. What it drains is
 //!   measured against a wider band: the arrivals expected within `drain_horizon`, with the same
 //!   risk, so a busy region's ordinary ups and downs do not drain a host the next minutes
@@ -69,14 +70,18 @@ pub fn sizing(forecast: &DemandForecast, config: &AlgorithmConfig, now: DateTime
         };
     };
     let risk = f64::from(config.buffer_risk_percent.min(100)) / 100.0;
-    let covering = |horizon: Duration| poisson_quantile(rate * horizon.as_secs_f64(), risk);
+    let length = forecast.session_length(now);
+    // Arrivals within the horizon that need a slot at once: sessions shorter than the horizon
+    // leave before the next ones pile up, so only a session length's worth overlap.
+    let covering = |horizon: Duration| {
+        let overlap = length.map_or(horizon, |l| l.min(horizon));
+        poisson_quantile(rate * overlap.as_secs_f64(), risk)
+    };
     let floor = config.desired_free_mandelboxes.min(1);
     let longest = config.hold_down.max(config.min_hold_down);
-    let hold_down = forecast
-        .session_length(now)
-        .map_or(config.min_hold_down, |l| {
-            (l / 2).clamp(config.min_hold_down, longest)
-        });
+    let hold_down = length.map_or(config.min_hold_down, |l| {
+        (l / 2).clamp(config.min_hold_down, longest)
+    });
     let buffer = covering(config.forecast_horizon).max(floor);
     Sizing {
         buffer,
@@ -103,7 +108,12 @@ impl HoldoverAlgorithm {
                 .and_then(|d| now.checked_sub_signed(d))
                 .unwrap_or(DateTime::<Utc>::MIN_UTC)
         };
-        let kept_from = start_of(self.config.hold_down.max(self.config.min_hold_down).max(hold));
+        let kept_from = start_of(
+            self.config
+                .hold_down
+                .max(self.config.min_hold_down)
+                .max(hold),
+        );
         // Drop samples out of a clock that went back.
         while self.surplus.back().is_some_and(|(t, _)| *t > now) {
             self.surplus.pop_back();
@@ -115,7 +125,13 @@ impl HoldoverAlgorithm {
         }
         let window_start = start_of(hold);
         match self.surplus.iter().rposition(|(t, _)| *t <= window_start) {
-            Some(first) => self.surplus.iter().skip(first).map(|(_, s)| *s).min().unwrap_or(0),
+            Some(first) => self
+                .surplus
+                .iter()
+                .skip(first)
+                .map(|(_, s)| *s)
+                .min()
+                .unwrap_or(0),
             None => 0,
         }
     }
@@ -314,7 +330,16 @@ mod tests {
             host(2, "ami-a", 0, young),
             host(3, "ami-old", 0, young),
         ]);
-        assert!(drained(&decide_holdover(&s, &config, config.desired_free_mandelboxes, 100, now)).is_empty());
+        assert!(
+            drained(&decide_holdover(
+                &s,
+                &config,
+                config.desired_free_mandelboxes,
+                100,
+                now
+            ))
+            .is_empty()
+        );
     }
 
     #[test]
@@ -322,7 +347,13 @@ mod tests {
         let config = AlgorithmConfig::default();
         let mut s = snapshot(vec![host(1, "ami-a", 0, t0()), host(2, "ami-a", 0, t0())]);
         s.waiting_clients = 5;
-        let plan = decide_holdover(&s, &config, config.desired_free_mandelboxes, 100, t0() + min(60));
+        let plan = decide_holdover(
+            &s,
+            &config,
+            config.desired_free_mandelboxes,
+            100,
+            t0() + min(60),
+        );
         assert!(drained(&plan).is_empty());
         // 2 wanted + 5 waiting = 7, 4 free: two more hosts.
         assert!(plan.contains(&Action::Launch {
@@ -344,7 +375,13 @@ mod tests {
         empty.capacity = 3;
         empty.remaining_capacity = 3;
         let s = snapshot(vec![partly, empty, host(3, "ami-old", 0, t0())]);
-        let plan = decide_holdover(&s, &config, config.desired_free_mandelboxes, 3, t0() + min(60));
+        let plan = decide_holdover(
+            &s,
+            &config,
+            config.desired_free_mandelboxes,
+            3,
+            t0() + min(60),
+        );
         assert_eq!(drained(&plan), vec!["i-00000003", "i-00000002"]);
     }
 
@@ -377,13 +414,18 @@ mod tests {
         assert_eq!(sizing(&quiet, &config, now).buffer, 1);
         let mut last = 1;
         for per_minute in [1, 2, 5, 10] {
-            let (f, now) = forecast_of(per_minute, 4);
+            // 30-minute sessions: every arrival within the horizon needs its own slot.
+            let (f, now) = forecast_of(per_minute, 30 * per_minute as u32);
             let buffer = sizing(&f, &config, now).buffer;
             let expected = per_minute as f64 * config.forecast_horizon.as_secs_f64() / 60.0;
             assert!(f64::from(buffer) >= expected, "{per_minute}/min: {buffer}");
             assert!(buffer >= last, "{per_minute}/min: {buffer} < {last}");
             last = buffer;
         }
+        // At the same rate, sessions shorter than the horizon leave before more pile up.
+        let (long, now) = forecast_of(10, 300);
+        let (short, _) = forecast_of(10, 1);
+        assert!(sizing(&short, &config, now).buffer < sizing(&long, &config, now).buffer);
         // An operator who wants no buffer gets none while nobody comes.
         let none = AlgorithmConfig {
             desired_free_mandelboxes: 0,
@@ -435,7 +477,8 @@ mod tests {
         let mut s = s;
         for sec in (40..=40 + 2 * config.min_hold_down.as_secs() as i64).step_by(10) {
             let now = drained(&a.plan(&s, at(sec)).await);
-            s.instances.retain(|i| !now.contains(&i.id.as_str().to_owned()));
+            s.instances
+                .retain(|i| !now.contains(&i.id.as_str().to_owned()));
             drains.extend(now);
         }
         assert_eq!(drains.len(), 1, "{drains:?}");
@@ -448,9 +491,12 @@ mod tests {
             ..AlgorithmConfig::default()
         };
         let mut a = HoldoverAlgorithm::new(config.clone());
-        let mut s = snapshot(vec![host(1, "ami-a", 1, t0()), host(2, "ami-a", 0, t0())]);
+        // Ten full hosts and an empty one: 20 users, sessions of over three minutes.
+        let mut hosts: Vec<InstanceView> = (1..=10).map(|n| host(n, "ami-a", 2, t0())).collect();
+        hosts.push(host(11, "ami-a", 0, t0()));
+        let mut s = snapshot(hosts);
         let mut plan = Vec::new();
-        // Six arrivals a minute for ten minutes (each leaving as the next comes).
+        // Six arrivals a minute for ten minutes.
         for m in 0..=10 {
             s.arrivals = 6 * m;
             plan = a.plan(&s, t0() + min(m as i64)).await;
@@ -462,7 +508,7 @@ mod tests {
                 _ => 0,
             })
             .sum();
-        // 3 free now; 24 arrivals expected within a 4-minute boot need several more hosts.
+        // 2 free now; 6 arrivals expected within the minute's horizon need more hosts.
         assert!(launched >= 2, "{plan:?}");
     }
 }

@@ -145,8 +145,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
-    use crate::algorithm::testing::{self, snapshot, t0};
     use crate::algorithm::InstanceView;
+    use crate::algorithm::testing::{self, snapshot, t0};
 
     fn host(n: u32, status: InstanceStatus, users: u32) -> InstanceView {
         testing::host(n, "ami-a", status, users)

@@ -387,7 +387,10 @@ mod tests {
         };
         assert!(!g.met());
         assert!(g.met_or_on_frontier(false, true));
-        assert!(!g.met_or_on_frontier(true, true), "reachable: the figure itself counts");
+        assert!(
+            !g.met_or_on_frontier(true, true),
+            "reachable: the figure itself counts"
+        );
         assert!(!g.met_or_on_frontier(false, false));
         let thrash = Goals {
             launches_ratio: 0.6,

@@ -55,8 +55,9 @@ pub struct Args {
         default_value = "holdover"
     )]
     pub algorithm: Vec<String>,
-    /// `holdover`: seconds capacity must have been surplus before it is drained (default:
-    /// 1200, five typical GPU host boots).
+    /// `holdover`: the longest hold-down, seconds capacity must have been surplus before it is
+    /// drained (its hold-down is half the measured session length, at most this; and this
+    /// until it has a demand forecast). Default: 900.
     #[arg(long, env = "WHIST_HOLD_DOWN_SECS")]
     pub hold_down_secs: Option<u64>,
     /// `holdover`: seconds after becoming ACTIVE during which a host is never drained

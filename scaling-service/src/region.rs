@@ -372,6 +372,7 @@ impl RegionController {
             pending_launches: self.pending.values().cloned().collect(),
             busy: self.busy.iter().cloned().collect(),
             waiting_clients: self.refusals.waiting(now),
+            arrivals: self.refusals.arrivals(),
         };
         let snapshot = self.snapshots.build(
             &rows,

@@ -96,6 +96,7 @@ fn arb_snapshot() -> impl Strategy<Value = Snapshot> {
                     busy,
                     instances,
                     waiting_clients: waiting,
+                    arrivals: 0,
                 }
             },
         )
@@ -230,7 +231,7 @@ fn plan_of(which: u8, s: &Snapshot, c: &AlgorithmConfig, held: u32, due: bool) -
     match which {
         0 => decide_original(s, c, 1 + held % 3, due, t0()),
         1 => decide(s, c, t0()),
-        _ => decide_holdover(s, c, held, t0()),
+        _ => decide_holdover(s, c, c.desired_free_mandelboxes, held, t0()),
     }
 }
 
@@ -286,8 +287,9 @@ proptest! {
         s in arb_snapshot(),
         c in arb_settings(),
         held in 0u32..20,
+        buffer in 0u32..8,
     ) {
-        let plan = decide_holdover(&s, &c, held, t0());
+        let plan = decide_holdover(&s, &c, buffer, held, t0());
         // The image assignment serves once the plan is carried out.
         let current = plan
             .iter()

@@ -12,7 +12,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dbclient::types::{ImageId, InstanceId, InstanceStatus};
 
-use super::{Action, AlgorithmConfig, InstanceView, ScalingAlgorithm, Snapshot, TerminationReason};
+use super::{
+    Action, AlgorithmConfig, InstanceView, ScalingAlgorithm, Snapshot, TerminationReason,
+    overdue_terminations,
+};
 
 /// The default algorithm over [`decide`].
 #[derive(Debug, Clone)]
@@ -108,41 +111,16 @@ fn capacity_on(
 /// Launches never take the region past `max_instances`; no instance gets two actions; a host
 /// with users is never drained or terminated.
 pub fn decide(snapshot: &Snapshot, config: &AlgorithmConfig, now: DateTime<Utc>) -> Vec<Action> {
-    let mut actions = Vec::new();
-    let mut next_check = config.requeue_interval;
     let busy: HashSet<&InstanceId> = snapshot.busy.iter().collect();
     let per_instance = config.capacity_per_instance.max(1);
 
     // 1. Lingering and never-registered hosts.
-    let mut terminated: HashSet<&InstanceId> = HashSet::new();
-    for i in snapshot.instances.iter().filter(|i| !busy.contains(&i.id)) {
-        if i.has_users() {
-            continue;
-        }
-        let (limit, reason, since) = match i.status {
-            InstanceStatus::Draining => (
-                config.lingering_limit,
-                TerminationReason::Lingering,
-                i.status_since,
-            ),
-            InstanceStatus::PreConnection => (
-                config.boot_timeout,
-                TerminationReason::BootTimeout,
-                i.created_at,
-            ),
-            InstanceStatus::Active => continue,
-        };
-        let left = until(since, limit, now);
-        if left.is_zero() {
-            actions.push(Action::Terminate {
-                instance: i.id.clone(),
-                reason,
-            });
-            terminated.insert(&i.id);
-        } else {
-            next_check = next_check.min(left);
-        }
-    }
+    let (mut actions, mut next_check) = overdue_terminations(snapshot, config, true, now);
+    let terminated: HashSet<InstanceId> = actions
+        .iter()
+        .filter_map(Action::instance)
+        .cloned()
+        .collect();
     // Hosts the plan may still count and act on.
     let live: Vec<&InstanceView> = snapshot
         .instances
@@ -297,29 +275,7 @@ mod tests {
 
     use super::*;
     use crate::algorithm::PendingLaunch;
-
-    fn t0() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
-    }
-
-    fn img(s: &str) -> ImageId {
-        ImageId::new(s).unwrap()
-    }
-
-    fn host(n: u32, image: &str, status: InstanceStatus, users: u32) -> InstanceView {
-        InstanceView {
-            id: InstanceId::new(format!("i-{n:08}")).unwrap(),
-            image_id: img(image),
-            status,
-            remaining_capacity: 2 - users,
-            capacity: 2,
-            mandelboxes: users,
-            created_at: t0(),
-            status_since: t0(),
-        }
-    }
+    use crate::algorithm::testing::{drained, host, img, snapshot, t0};
 
     fn launches(plan: &[Action]) -> Vec<(u32, ImageId)> {
         plan.iter()
@@ -328,15 +284,6 @@ mod tests {
                 _ => None,
             })
             .collect()
-    }
-
-    fn snapshot(instances: Vec<InstanceView>) -> Snapshot {
-        Snapshot {
-            instances,
-            current_image: Some(img("ami-a")),
-            target_image: Some(img("ami-a")),
-            ..Snapshot::default()
-        }
     }
 
     #[test]
@@ -371,14 +318,7 @@ mod tests {
             host(4, "ami-b", InstanceStatus::Active, 0),
         ]);
         let plan = decide(&s, &AlgorithmConfig::default(), t0());
-        let drained: Vec<_> = plan
-            .iter()
-            .filter_map(|a| match a {
-                Action::Drain { instance } => Some(instance.as_str().to_owned()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(drained, vec!["i-00000004", "i-00000001"]);
+        assert_eq!(drained(&plan), vec!["i-00000004", "i-00000001"]);
     }
 
     #[test]

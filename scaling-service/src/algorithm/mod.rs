@@ -7,8 +7,9 @@
 //!
 //! Three algorithms implement [`ScalingAlgorithm`], chosen per region by [`AlgorithmKind`]:
 //! [`original`] (Whist's instance buffer, the baseline), [`default`] (a free-capacity buffer
-//! that drains surplus at once) and [`holdover`] (the service's default: demand-aware, drains
-//! only capacity that has been surplus for a hold-down time and hosts past a minimum lifetime).
+//! that drains surplus at once) and [`holdover`] (the service's default: a buffer sized from the
+//! demand it has seen ([`forecast`]), refused clients counted as demand, drains only capacity
+//! that has been surplus for a hold-down time and hosts past a minimum lifetime).
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use dbclient::types::{ImageId, InstanceId, InstanceStatus};
 use crate::hosts::InstanceTypeInfo;
 
 pub mod default;
+pub mod forecast;
 pub mod holdover;
 pub mod original;
 
@@ -86,6 +88,10 @@ pub struct Snapshot {
     /// Clients refused (`NO_INSTANCE_AVAILABLE`) in this region within the recent window and
     /// presumably still retrying: demand the fleet has not met.
     pub waiting_clients: u32,
+    /// Clients that have asked for a mandelbox in this region since the controller started
+    /// (each client once: its first refusal or its assignment), a counter that only grows while
+    /// the process lives. Algorithms derive arrival rates from its increments.
+    pub arrivals: u64,
 }
 
 /// The default algorithm's settings for one region.
@@ -105,13 +111,30 @@ pub struct AlgorithmConfig {
     pub upgrade_timeout: Duration,
     /// Decide again at the latest after this, even with no event.
     pub requeue_interval: Duration,
-    /// `holdover`: only capacity that has been surplus this long is drained. Default: five
-    /// typical GPU host boots (20 min), tuned with `make compare` on the trace corpus: shorter
-    /// hold-downs relaunch hosts after ordinary lulls between sessions.
+    /// `holdover`: the longest hold-down, and the one it uses until it has a demand forecast
+    /// (after a restart): only capacity that has been surplus this long is drained. Default:
+    /// 15 min, tuned with `make compare` on the trace corpus (longer holds keep hosts through
+    /// lulls nobody comes back from; shorter ones relaunch after ordinary ones).
     pub hold_down: Duration,
     /// `holdover`: a host is never drained within this time of becoming ACTIVE. Default: one
     /// boot time (replacing it would cost another), at least EC2's 60 s billing minimum.
     pub min_lifetime: Duration,
+    /// `holdover`: the shortest hold-down, when sessions are short or nobody comes. Default:
+    /// one typical boot (draining sooner is a bet that the host will not be needed again
+    /// before a relaunch could be up).
+    pub min_hold_down: Duration,
+    /// `holdover`: the arrival rate is measured over this window (and nothing is forecast for
+    /// a fifteenth of it after a restart).
+    pub forecast_window: Duration,
+    /// `holdover`: the buffer it launches for covers the arrivals expected within this time.
+    pub forecast_horizon: Duration,
+    /// `holdover`: it drains only what is beyond the arrivals expected within this time (a
+    /// band above the buffer that grows with the arrival rate, so a busy region's ordinary
+    /// fluctuations do not drain a host that the next minutes relaunch).
+    pub drain_horizon: Duration,
+    /// `holdover`: the chance, in percent, that more clients arrive within the horizon than
+    /// the buffer holds.
+    pub buffer_risk_percent: u32,
 }
 
 /// EC2 bills an instance for at least this long.
@@ -130,10 +153,59 @@ impl Default for AlgorithmConfig {
             boot_timeout: Duration::from_secs(15 * 60),
             upgrade_timeout: Duration::from_secs(150 * 60),
             requeue_interval: Duration::from_secs(60),
-            hold_down: TYPICAL_BOOT * 5,
+            hold_down: Duration::from_secs(15 * 60),
             min_lifetime: TYPICAL_BOOT.max(BILLING_MINIMUM),
+            min_hold_down: TYPICAL_BOOT.max(BILLING_MINIMUM),
+            forecast_window: Duration::from_secs(30 * 60),
+            forecast_horizon: Duration::from_secs(60),
+            drain_horizon: Duration::from_secs(120),
+            buffer_risk_percent: 10,
         }
     }
+}
+
+/// Terminations of hosts without users that have outstayed their state: DRAINING past
+/// `lingering_limit`, and with `boot_timeouts` also PRE_CONNECTION past `boot_timeout` since
+/// its launch. Hosts in `skip` (busy, or already acted on) are left alone. Returns the actions
+/// and how long until the next such host is due (at most `requeue_interval`).
+pub(crate) fn overdue_terminations(
+    snapshot: &Snapshot,
+    config: &AlgorithmConfig,
+    boot_timeouts: bool,
+    now: DateTime<Utc>,
+) -> (Vec<Action>, Duration) {
+    let mut actions = Vec::new();
+    let mut next_check = config.requeue_interval;
+    for i in snapshot
+        .instances
+        .iter()
+        .filter(|i| !i.has_users() && !snapshot.busy.contains(&i.id))
+    {
+        let (limit, reason, since) = match i.status {
+            InstanceStatus::Draining => (
+                config.lingering_limit,
+                TerminationReason::Lingering,
+                i.status_since,
+            ),
+            InstanceStatus::PreConnection if boot_timeouts => (
+                config.boot_timeout,
+                TerminationReason::BootTimeout,
+                i.created_at,
+            ),
+            _ => continue,
+        };
+        let elapsed = (now - since).to_std().unwrap_or(Duration::ZERO);
+        let left = limit.saturating_sub(elapsed);
+        if left.is_zero() {
+            actions.push(Action::Terminate {
+                instance: i.id.clone(),
+                reason,
+            });
+        } else {
+            next_check = next_check.min(left);
+        }
+    }
+    (actions, next_check)
 }
 
 /// Why a host is terminated.
@@ -250,5 +322,69 @@ impl std::str::FromStr for AlgorithmKind {
             .copied()
             .find(|k| k.as_str() == s.trim())
             .ok_or_else(|| format!("unknown algorithm {s:?} (original, default or holdover)"))
+    }
+}
+
+/// Builders the algorithms' unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    pub fn t0() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    pub fn img(s: &str) -> ImageId {
+        ImageId::new(s).unwrap()
+    }
+
+    /// Host `n` on `image` with `users` of its 2 slots taken, created and in `status` since
+    /// `t0()`.
+    pub fn host(n: u32, image: &str, status: InstanceStatus, users: u32) -> InstanceView {
+        host_since(n, image, status, users, t0())
+    }
+
+    /// [`host`], created and in `status` since `at`.
+    pub fn host_since(
+        n: u32,
+        image: &str,
+        status: InstanceStatus,
+        users: u32,
+        at: DateTime<Utc>,
+    ) -> InstanceView {
+        InstanceView {
+            id: InstanceId::new(format!("i-{n:08}")).unwrap(),
+            image_id: img(image),
+            status,
+            remaining_capacity: 2 - users,
+            capacity: 2,
+            mandelboxes: users,
+            created_at: at,
+            status_since: at,
+        }
+    }
+
+    /// A region on `ami-a` (current and wanted) with `instances`.
+    pub fn snapshot(instances: Vec<InstanceView>) -> Snapshot {
+        Snapshot {
+            instances,
+            current_image: Some(img("ami-a")),
+            target_image: Some(img("ami-a")),
+            ..Snapshot::default()
+        }
+    }
+
+    /// The instances `plan` drains, in order.
+    pub fn drained(plan: &[Action]) -> Vec<String> {
+        plan.iter()
+            .filter_map(|a| match a {
+                Action::Drain { instance } => Some(instance.as_str().to_owned()),
+                _ => None,
+            })
+            .collect()
     }
 }

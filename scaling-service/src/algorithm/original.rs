@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use dbclient::types::{InstanceId, InstanceStatus};
 
-use super::{Action, AlgorithmConfig, ScalingAlgorithm, Snapshot, TerminationReason};
+use super::{Action, AlgorithmConfig, ScalingAlgorithm, Snapshot, overdue_terminations};
 
 /// The original's scheduled scale-down interval.
 pub const SCALE_DOWN_INTERVAL: Duration = Duration::from_secs(10 * 60);
@@ -92,17 +92,8 @@ pub fn decide_original(
         actions.push(Action::RequeueAfter(config.requeue_interval));
         return actions;
     };
-    for i in live() {
-        if i.status == InstanceStatus::Draining
-            && !i.has_users()
-            && (now - i.status_since).to_std().unwrap_or(Duration::ZERO) >= config.lingering_limit
-        {
-            actions.push(Action::Terminate {
-                instance: i.id.clone(),
-                reason: TerminationReason::Lingering,
-            });
-        }
-    }
+    let (overdue, _) = overdue_terminations(snapshot, config, false, now);
+    actions.extend(overdue);
     // VerifyCapacity: ACTIVE + PRE_CONNECTION (+ launches in flight, which the original
     // awaited before handling the next event).
     let counted = live()
@@ -155,34 +146,10 @@ mod tests {
 
     use super::*;
     use crate::algorithm::InstanceView;
-    use dbclient::types::ImageId;
-
-    fn t0() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
-            .unwrap()
-            .with_timezone(&Utc)
-    }
+    use crate::algorithm::testing::{self, snapshot, t0};
 
     fn host(n: u32, status: InstanceStatus, users: u32) -> InstanceView {
-        InstanceView {
-            id: InstanceId::new(format!("i-{n:08}")).unwrap(),
-            image_id: ImageId::new("ami-a").unwrap(),
-            status,
-            remaining_capacity: 2 - users,
-            capacity: 2,
-            mandelboxes: users,
-            created_at: t0(),
-            status_since: t0(),
-        }
-    }
-
-    fn snapshot(instances: Vec<InstanceView>) -> Snapshot {
-        Snapshot {
-            instances,
-            current_image: Some(ImageId::new("ami-a").unwrap()),
-            target_image: Some(ImageId::new("ami-a").unwrap()),
-            ..Snapshot::default()
-        }
+        testing::host(n, "ami-a", status, users)
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Demand the fleet did not meet: the clients the assign path refused with
-//! `NO_INSTANCE_AVAILABLE`, per region, so the controller can count them as demand
-//! ([`crate::algorithm::Snapshot::waiting_clients`]).
+//! Demand as the assign path reports it, per region: the clients it refused with
+//! `NO_INSTANCE_AVAILABLE`, so the controller can count them as demand
+//! ([`crate::algorithm::Snapshot::waiting_clients`]), and how many clients have come at all
+//! ([`crate::algorithm::Snapshot::arrivals`]), from which an algorithm learns the region's
+//! arrival rate and daily profile.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,6 +19,8 @@ pub const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 pub struct RefusalLog {
     window: chrono::Duration,
     last_refused: HashMap<String, DateTime<Utc>>,
+    /// Clients seen: each refused client once while it waits, each served one that was not.
+    arrivals: u64,
 }
 
 impl Default for RefusalLog {
@@ -30,17 +34,28 @@ impl RefusalLog {
         Self {
             window: chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX),
             last_refused: HashMap::new(),
+            arrivals: 0,
         }
     }
 
     /// `client` was refused at `at`.
     pub fn refused(&mut self, client: &str, at: DateTime<Utc>) {
-        self.last_refused.insert(client.to_owned(), at);
+        if self.last_refused.insert(client.to_owned(), at).is_none() {
+            self.arrivals += 1;
+        }
     }
 
     /// `client` got a mandelbox: it no longer waits.
     pub fn served(&mut self, client: &str) {
-        self.last_refused.remove(client);
+        if self.last_refused.remove(client).is_none() {
+            self.arrivals += 1;
+        }
+    }
+
+    /// Clients that have asked so far: a refused client counts once however often it
+    /// retries (until it falls out of the window), a served one once.
+    pub fn arrivals(&self) -> u64 {
+        self.arrivals
     }
 
     /// Clients refused within the window before `now`.
@@ -70,5 +85,20 @@ mod tests {
         log.served("b");
         assert_eq!(log.waiting(t0 + chrono::Duration::seconds(10)), 1);
         assert_eq!(log.waiting(t0 + chrono::Duration::seconds(66)), 0);
+    }
+
+    #[test]
+    fn each_client_arrives_once_however_often_it_retries() {
+        let t0 = DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut log = RefusalLog::default();
+        for s in 0..5 {
+            log.refused("a", t0 + chrono::Duration::seconds(s));
+        }
+        log.served("a");
+        log.served("b");
+        log.served("c");
+        assert_eq!(log.arrivals(), 3);
     }
 }

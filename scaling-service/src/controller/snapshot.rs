@@ -18,6 +18,7 @@ pub struct ControllerState {
     pub pending_launches: Vec<PendingLaunch>,
     pub busy: Vec<InstanceId>,
     pub waiting_clients: u32,
+    pub arrivals: u64,
 }
 
 /// Builds snapshots, remembering since when it has seen each instance in its status: a row's
@@ -67,6 +68,7 @@ impl SnapshotBuilder {
             pending_launches: state.pending_launches,
             busy: state.busy,
             waiting_clients: state.waiting_clients,
+            arrivals: state.arrivals,
         }
     }
 }

@@ -273,6 +273,7 @@ impl<'a> Fleet<'a> {
             pending_launches: self.launches.values().map(|l| l.pending.clone()).collect(),
             busy: self.busy.iter().cloned().collect(),
             waiting_clients: self.refusals.waiting(now),
+            arrivals: self.refusals.arrivals(),
         };
         let snapshot = snapshots.build(
             &self.rows,

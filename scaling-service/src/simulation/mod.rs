@@ -69,9 +69,25 @@ pub struct SimSettings {
     /// Most hosts in a region.
     #[arg(long, default_value_t = 100)]
     pub max_instances: u32,
-    /// `holdover`'s hold-down time, seconds.
+    /// `holdover`'s longest hold-down (and the one before it has a forecast), seconds.
     #[arg(long, default_value_t = AlgorithmConfig::default().hold_down.as_secs())]
     pub hold_down_s: u64,
+    /// `holdover`'s shortest hold-down, seconds.
+    #[arg(long, default_value_t = AlgorithmConfig::default().min_hold_down.as_secs())]
+    pub min_hold_down_s: u64,
+    /// `holdover`'s window for the arrival rate, seconds.
+    #[arg(long, default_value_t = AlgorithmConfig::default().forecast_window.as_secs())]
+    pub forecast_window_s: u64,
+    /// `holdover`'s buffer covers the arrivals expected within this many seconds.
+    #[arg(long, default_value_t = AlgorithmConfig::default().forecast_horizon.as_secs())]
+    pub forecast_horizon_s: u64,
+    /// `holdover` drains only beyond the arrivals expected within this many seconds.
+    #[arg(long, default_value_t = AlgorithmConfig::default().drain_horizon.as_secs())]
+    pub drain_horizon_s: u64,
+    /// `holdover`'s chance (percent) that more clients arrive within the horizon than the
+    /// buffer holds.
+    #[arg(long, default_value_t = AlgorithmConfig::default().buffer_risk_percent)]
+    pub buffer_risk_percent: u32,
     /// A host terminated within this many seconds of becoming ACTIVE is an early termination;
     /// `holdover` never drains one that young.
     #[arg(long, default_value_t = AlgorithmConfig::default().min_lifetime.as_secs())]
@@ -106,6 +122,11 @@ impl Default for SimSettings {
             capacity_per_instance: 2,
             max_instances: 100,
             hold_down_s: a.hold_down.as_secs(),
+            min_hold_down_s: a.min_hold_down.as_secs(),
+            forecast_window_s: a.forecast_window.as_secs(),
+            forecast_horizon_s: a.forecast_horizon.as_secs(),
+            drain_horizon_s: a.drain_horizon.as_secs(),
+            buffer_risk_percent: a.buffer_risk_percent,
             min_lifetime: a.min_lifetime.as_secs(),
             running_s: m.running_s,
             register_median_s: m.register_median_s,
@@ -177,6 +198,11 @@ impl SimSettings {
             max_instances: self.max_instances,
             capacity_per_instance: self.capacity_per_instance,
             hold_down: Duration::from_secs(self.hold_down_s),
+            min_hold_down: Duration::from_secs(self.min_hold_down_s),
+            forecast_window: Duration::from_secs(self.forecast_window_s),
+            forecast_horizon: Duration::from_secs(self.forecast_horizon_s),
+            drain_horizon: Duration::from_secs(self.drain_horizon_s),
+            buffer_risk_percent: self.buffer_risk_percent,
             min_lifetime: Duration::from_secs(self.min_lifetime),
             ..AlgorithmConfig::default()
         }

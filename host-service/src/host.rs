@@ -611,10 +611,21 @@ impl<R: ContainerRuntime + Clone + 'static> Host<R> {
             () = now.cancelled() => false,
         };
         if !finished {
-            tracing::warn!(
-                live = self.live_mandelboxes(),
-                "drain deadline reached: stopping the remaining mandelboxes"
-            );
+            // Warm boxes are already going (their removal is not a user's session cut short).
+            let live = self.live_mandelboxes();
+            let users = live.saturating_sub(self.warm.waiting());
+            if users > 0 {
+                tracing::warn!(
+                    live,
+                    users,
+                    "drain deadline reached: stopping the remaining mandelboxes"
+                );
+            } else {
+                tracing::info!(
+                    live,
+                    "drain deadline reached: only warm boxes are left, being removed"
+                );
+            }
             self.stop_all.cancel();
             let _ = tokio::time::timeout(
                 self.config.stop_grace + mandelbox::STOP_WAIT,

@@ -323,7 +323,6 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
             (None, "replaced")
         }
     };
-    drop(slot);
     let Some(claimed) = claimed else {
         ended.cancel();
         mandelbox::teardown(
@@ -335,8 +334,12 @@ pub(crate) async fn run<R: ContainerRuntime + Clone + 'static>(
             reason,
         )
         .await;
+        // Counted as warm until its teardown is over: a drain tells warm boxes being removed
+        // from users' mandelboxes by this count.
+        drop(slot);
         return;
     };
+    drop(slot);
     let claimed_at = Instant::now();
     host.metrics.warm_claims.inc();
     tracing::info!(user.id = ?claimed.user_id, "warm box claimed");

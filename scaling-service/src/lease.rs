@@ -86,7 +86,8 @@ impl LeaseKeeper {
         }))
     }
 
-    fn publish(&self, fence: Option<Fence>) {
+    /// Says who leads now; `stepping_down`: this replica is shutting down (no warning then).
+    fn publish(&self, fence: Option<Fence>, stepping_down: bool) {
         let holder = &self.settings.holder;
         self.leader.send_if_modified(|current| {
             if *current == fence {
@@ -94,6 +95,7 @@ impl LeaseKeeper {
             }
             match &fence {
                 Some(f) => tracing::info!(%holder, lease.generation = f.generation, "leading"),
+                None if stepping_down => tracing::info!(%holder, "stepping down: shutting down"),
                 None => tracing::warn!(%holder, "not leading"),
             }
             *current = fence;
@@ -114,7 +116,7 @@ impl LeaseKeeper {
             match attempt {
                 Ok(Ok(fence)) => {
                     leads_until = fence.as_ref().map(|_| sent + safe_for);
-                    self.publish(fence);
+                    self.publish(fence, false);
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "lease renewal failed");
@@ -123,7 +125,7 @@ impl LeaseKeeper {
             }
             if leads_until.is_some_and(|t| Instant::now() >= t) {
                 leads_until = None;
-                self.publish(None);
+                self.publish(None, false);
             }
             let next = match leads_until {
                 Some(t) => t.min(Instant::now() + self.settings.renew_every),
@@ -135,7 +137,7 @@ impl LeaseKeeper {
             }
         }
         let was_leading = self.leader.borrow().is_some();
-        self.publish(None);
+        self.publish(None, true);
         if was_leading {
             match self
                 .db

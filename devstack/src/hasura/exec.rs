@@ -19,6 +19,7 @@ use async_graphql::{Name, Positioned, Request, Value, Variables};
 use deadpool_postgres::{Object, Pool};
 
 use super::error::{GqlError, code, from_postgres, from_server_error};
+use super::permissions::SessionVariables;
 use super::sql::Statement;
 
 /// A checked request, ready to execute (repeatedly, for a live query).
@@ -286,14 +287,20 @@ impl Outcome {
     }
 }
 
-/// Executes `prepared` with a fresh database session.
-pub(crate) async fn execute(schema: &Schema, pool: &Pool, prepared: &Prepared) -> Outcome {
+/// Executes `prepared` with a fresh database session, as the role and with the session
+/// variables of `vars` (`schema` is that role's).
+pub(crate) async fn execute(
+    schema: &Schema,
+    pool: &Pool,
+    prepared: &Prepared,
+    vars: &Arc<SessionVariables>,
+) -> Outcome {
     let access = if prepared.kind == OperationType::Mutation {
         Access::ReadWrite
     } else {
         Access::ReadOnlySnapshot
     };
-    let session = Arc::new(Session::new(pool.clone(), access));
+    let session = Arc::new(Session::new(pool.clone(), access, vars.clone()));
     let mut request = Request::new(String::new())
         .variables(prepared.variables.clone())
         .data(session.clone());
@@ -318,6 +325,10 @@ pub(crate) async fn execute(schema: &Schema, pool: &Pool, prepared: &Prepared) -
         if prepared.kind == OperationType::Subscription {
             // The document ran against query_root, but the client asked subscription_root.
             error.message = error.message.replace("'query_root'", "'subscription_root'");
+        }
+        if vars.role != super::ADMIN_ROLE {
+            // Hasura shows the failing statement only to admin.
+            error.internal = None;
         }
         return Outcome::Error(error);
     }
@@ -364,6 +375,8 @@ enum Access {
 pub(crate) struct Session {
     pool: Pool,
     access: Access,
+    /// The request's role and session variables, for the permissions' conditions.
+    pub vars: Arc<SessionVariables>,
     connection: tokio::sync::Mutex<Option<Object>>,
     /// Set by the first failing field: the transaction is aborted, so later fields are not run
     /// (a mutation's later fields must not run at all) and report a placeholder error that the
@@ -381,10 +394,11 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    fn new(pool: Pool, access: Access) -> Self {
+    fn new(pool: Pool, access: Access, vars: Arc<SessionVariables>) -> Self {
         Self {
             pool,
             access,
+            vars,
             connection: tokio::sync::Mutex::new(None),
             failed: AtomicBool::new(false),
         }
@@ -448,6 +462,20 @@ impl Session {
             .query_typed(&statement.sql, &statement.params())
             .await
             .map_err(|e| from_postgres(&e, &statement.sql, constraint_path))?;
+        if let Some(check_path) = &statement.check_path {
+            for row in &rows {
+                let passed: Option<bool> = row
+                    .try_get(1)
+                    .map_err(|e| from_postgres(&e, &statement.sql, "$"))?;
+                if passed != Some(true) {
+                    return Err(GqlError::new(
+                        code::PERMISSION_ERROR,
+                        check_path.clone(),
+                        "check constraint of an insert/update permission has failed",
+                    ));
+                }
+            }
+        }
         rows.iter()
             .map(|row| {
                 let text: Option<String> = row

@@ -54,6 +54,7 @@
 //! ```
 
 pub mod assign;
+pub mod attestations;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -137,6 +137,7 @@ pub(crate) fn prepare(raw: RawRequest) -> Result<Prepared, GqlError> {
         .map_err(|_| GqlError::validation("$.query", "not a valid graphql query"))?;
 
     let key = select_operation(&document, operation_name.as_deref())?;
+    keep_only_selected(&mut document, key.as_ref());
     let Some(operation) = operation(&document, key.as_ref()) else {
         return Err(GqlError::unexpected("the selected operation disappeared"));
     };
@@ -225,6 +226,46 @@ fn select_operation(
             "$",
             "exactly one operation has to be present in the document when operationName is not specified",
         )),
+    }
+}
+
+/// Like Hasura, which parses and validates only the operation it runs (and the fragments it
+/// uses): the other operations of the document, and unused fragments, are dropped. Clients
+/// such as graphql_client send a whole file of operations, some of which a role's schema may
+/// not be able to validate.
+fn keep_only_selected(document: &mut ExecutableDocument, key: Option<&Name>) {
+    if let (DocumentOperations::Multiple(ops), Some(key)) = (&mut document.operations, key) {
+        ops.retain(|name, _| name == key);
+    }
+    let Some(operation) = operation(document, key) else {
+        return;
+    };
+    let mut used = std::collections::BTreeSet::new();
+    used_fragments(document, &operation.node.selection_set, &mut used);
+    document.fragments.retain(|name, _| used.contains(name));
+}
+
+fn used_fragments(
+    document: &ExecutableDocument,
+    set: &Positioned<SelectionSet>,
+    used: &mut std::collections::BTreeSet<Name>,
+) {
+    for selection in &set.node.items {
+        match &selection.node {
+            Selection::Field(field) => used_fragments(document, &field.node.selection_set, used),
+            Selection::FragmentSpread(spread) => {
+                let name = &spread.node.fragment_name.node;
+                // Inserting first stops a fragment cycle (a validation error of its own).
+                if used.insert(name.clone())
+                    && let Some(fragment) = document.fragments.get(name)
+                {
+                    used_fragments(document, &fragment.node.selection_set, used);
+                }
+            }
+            Selection::InlineFragment(fragment) => {
+                used_fragments(document, &fragment.node.selection_set, used);
+            }
+        }
     }
 }
 

@@ -69,6 +69,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "scaling_lease_fencing",
         sql: include_str!("../migrations/0006_scaling_lease_fencing.sql"),
     },
+    Migration {
+        version: 7,
+        name: "host_attestations",
+        sql: include_str!("../migrations/0007_host_attestations.sql"),
+    },
 ];
 
 /// The Hasura metadata (the `args` of a `replace_metadata` call) that tracks the `whist` tables

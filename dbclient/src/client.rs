@@ -26,7 +26,41 @@ struct Inner {
     url: Url,
     /// Marked sensitive, so it is left out of `Debug` output and HTTP/2 header compression.
     admin_secret: Option<HeaderValue>,
+    /// A Hasura JWT (`Authorization: Bearer`), replaceable while requests run (a host's
+    /// attestation credential, renewed before it expires). Sent instead of the admin secret.
+    bearer: Option<BearerToken>,
     request_timeout: Duration,
+}
+
+/// A bearer token shared by a client and whoever renews it.
+#[derive(Clone, Default)]
+pub struct BearerToken(Arc<std::sync::RwLock<Option<HeaderValue>>>);
+
+impl fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(logger::REDACTED)
+    }
+}
+
+impl BearerToken {
+    /// Replaces the token; `Err` if it cannot be a header value.
+    pub fn set(&self, token: &str) -> Result<(), ConfigError> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| ConfigError::InvalidBearerToken)?;
+        value.set_sensitive(true);
+        match self.0.write() {
+            Ok(mut slot) => *slot = Some(value),
+            Err(poisoned) => *poisoned.into_inner() = Some(value),
+        }
+        Ok(())
+    }
+
+    fn header(&self) -> Option<HeaderValue> {
+        match self.0.read() {
+            Ok(slot) => slot.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
 }
 
 impl fmt::Debug for DbClient {
@@ -65,9 +99,24 @@ impl DbClient {
                 http,
                 url: config.graphql_url().clone(),
                 admin_secret,
+                bearer: None,
                 request_timeout: config.request_timeout(),
             }),
         })
+    }
+
+    /// A client on the same connection pool that authenticates with `token` (JWT mode)
+    /// instead of the admin secret.
+    pub fn with_bearer(&self, token: BearerToken) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                url: self.inner.url.clone(),
+                admin_secret: None,
+                bearer: Some(token),
+                request_timeout: self.inner.request_timeout,
+            }),
+        }
     }
 
     /// The HTTP endpoint this client posts to.
@@ -90,6 +139,9 @@ impl DbClient {
         let mut request = self.inner.http.post(self.inner.url.clone()).json(&body);
         if let Some(secret) = &self.inner.admin_secret {
             request = request.header(ADMIN_SECRET_HEADER, secret.clone());
+        }
+        if let Some(token) = self.inner.bearer.as_ref().and_then(BearerToken::header) {
+            request = request.header(http::header::AUTHORIZATION, token);
         }
         let response = request
             .send()

@@ -20,6 +20,8 @@ pub enum ConfigError {
     EmptyAdminSecret,
     #[error("the admin secret contains characters that cannot be sent in an HTTP header")]
     InvalidAdminSecret,
+    #[error("the bearer token contains characters that cannot be sent in an HTTP header")]
+    InvalidBearerToken,
     #[error("the {which} timeout must be between 1 ms and {max:?}, got {value:?}")]
     InvalidTimeout {
         which: &'static str,

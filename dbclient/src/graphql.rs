@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::types::{Image, Instance, InstanceId, InstanceWithMandelboxes, Mandelbox, MandelboxId};
 
-/// Hasura `uuid`: only `mandelboxes.id` has this type.
+/// Hasura `uuid`: `mandelboxes.id` (and `host_attestations.token_id`, a JWT id).
 pub type uuid = MandelboxId;
 /// Hasura `timestamptz`: RFC 3339 with any offset (`2022-01-18T12:58:16.95204+00:00`).
 pub type timestamptz = chrono::DateTime<chrono::Utc>;

@@ -54,6 +54,7 @@
 //! ```
 
 pub mod assign;
+pub mod attestations;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -69,7 +70,7 @@ pub mod subscriptions;
 mod tls;
 pub mod types;
 
-pub use client::DbClient;
+pub use client::{BearerToken, DbClient};
 pub use config::{ConfigError, DbConfig};
 pub use error::{ConstraintKind, DbError, NetworkErrorKind};
 pub use launches::{LaunchRecord, NewLaunchRecord};

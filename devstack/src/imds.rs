@@ -10,7 +10,9 @@
 //! - `meta-data/{instance-id, ami-id, instance-type, placement/region,
 //!   placement/availability-zone, public-ipv4, local-ipv4, hostname}` and, with instance tags in
 //!   metadata enabled, `meta-data/tags/instance` (keys, one per line) and
-//!   `meta-data/tags/instance/<key>`; unknown paths are 404.
+//!   `meta-data/tags/instance/<key>`; unknown paths are 404;
+//! - with a [`DocumentSigner`] ([`FakeImds::with_signer`]), `dynamic/instance-identity/document`
+//!   and `dynamic/instance-identity/signature`, signed with devstack's stand-in for AWS's key.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -24,6 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+use crate::aws_identity::DocumentSigner;
 
 pub const TOKEN_TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -115,6 +119,7 @@ struct Tokens {
 struct ImdsState {
     identity: Arc<RwLock<Identity>>,
     tokens: Arc<RwLock<Tokens>>,
+    signer: Arc<RwLock<Option<Arc<DocumentSigner>>>>,
 }
 
 /// A running fake IMDS. Stops when [`FakeImds::stop`] is called or its token is cancelled.
@@ -139,6 +144,7 @@ impl FakeImds {
         let state = ImdsState {
             identity: Arc::new(RwLock::new(identity)),
             tokens: Arc::default(),
+            signer: Arc::default(),
         };
         let shutdown = CancellationToken::new();
         let app = router(state.clone());
@@ -183,6 +189,15 @@ impl FakeImds {
         }
     }
 
+    /// Serves the signed identity document from now on (`dynamic/instance-identity/*`).
+    pub fn with_signer(self, signer: Arc<DocumentSigner>) -> Self {
+        match self.state.signer.write() {
+            Ok(mut s) => *s = Some(signer),
+            Err(poisoned) => *poisoned.into_inner() = Some(signer),
+        }
+        self
+    }
+
     /// Stops serving and waits for the listener to close.
     pub async fn stop(self) {
         self.shutdown.cancel();
@@ -195,6 +210,10 @@ fn router(state: ImdsState) -> Router {
         .route("/latest/api/token", put(issue_token))
         .route("/latest/meta-data/", get(metadata_index))
         .route("/latest/meta-data/{*path}", get(metadata))
+        .route(
+            "/latest/dynamic/instance-identity/{which}",
+            get(identity_document),
+        )
         .with_state(state)
 }
 
@@ -262,5 +281,36 @@ async fn metadata(
     match identity.lookup(&path) {
         Some(value) => value.into_response(),
         None => (StatusCode::NOT_FOUND, "Not Found").into_response(),
+    }
+}
+
+/// `dynamic/instance-identity/document` and `.../signature` (404 without a signer).
+async fn identity_document(
+    State(state): State<ImdsState>,
+    headers: HeaderMap,
+    Path(which): Path<String>,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return (StatusCode::UNAUTHORIZED, "Unauthorized").into_response();
+    }
+    let signer = match state.signer.read() {
+        Ok(s) => s.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let identity = match state.identity.read() {
+        Ok(i) => i.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
+    let Some(signer) = signer else {
+        return (StatusCode::NOT_FOUND, "Not Found").into_response();
+    };
+    let document = DocumentSigner::document(&identity);
+    match which.as_str() {
+        "document" => document.into_response(),
+        "signature" => match signer.sign(&document) {
+            Ok(signature) => signature.into_response(),
+            Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot sign").into_response(),
+        },
+        _ => (StatusCode::NOT_FOUND, "Not Found").into_response(),
     }
 }

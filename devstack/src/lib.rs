@@ -17,6 +17,7 @@
 //! And [`client`], a client simulator (`whist-client`): token, assign, pinned json_transport
 //! and the connection to the mandelbox, as Whist's client app does them, timed.
 
+pub mod aws_identity;
 pub mod chaos_report;
 pub mod client;
 pub mod ec2_faults;

@@ -15,6 +15,8 @@ mod live;
 mod mutations;
 #[path = "hasura/queries.rs"]
 mod queries;
+#[path = "hasura/roles.rs"]
+mod roles;
 #[path = "hasura/schema.rs"]
 mod schema;
 #[path = "hasura/support.rs"]

@@ -15,6 +15,7 @@
 pub mod admission;
 pub mod algorithm;
 pub mod api;
+pub mod attest;
 pub mod auth;
 pub mod config;
 pub mod controller;

@@ -8,6 +8,7 @@
 
 mod assign;
 mod errors;
+mod host_role;
 mod images;
 mod instances;
 mod launches;

@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 
 use super::HasuraError;
 use super::function::{Function, TrackedFunction};
+use super::permissions::{PermissionLists, RolePermissions};
 
 /// Every tracked table, in metadata order. Relationships refer to tables by index.
 #[derive(Debug)]
@@ -19,7 +20,7 @@ pub(crate) struct Model {
     pub functions: Vec<Function>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Table {
     pub schema: String,
     pub name: String,
@@ -32,9 +33,13 @@ pub(crate) struct Table {
     /// Primary-key and unique constraint names, sorted: the `<t>_constraint` enum.
     pub unique_constraints: Vec<String>,
     pub relationships: Vec<Relationship>,
+    /// Every role's permissions on the table, as metadata lists them.
+    pub permission_lists: PermissionLists,
+    /// In a role's model ([`Model::for_role`]): that role's permissions. `None` for admin.
+    pub role: Option<RolePermissions>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Column {
     pub name: String,
     /// The type without modifiers (`character varying`, not `character varying(20)`), for
@@ -54,7 +59,7 @@ pub(crate) enum RelationshipKind {
     Array,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Relationship {
     pub name: String,
     pub kind: RelationshipKind,
@@ -176,6 +181,8 @@ struct TrackedTable {
     object_relationships: Vec<RelationshipEntry>,
     #[serde(default)]
     array_relationships: Vec<RelationshipEntry>,
+    #[serde(flatten)]
+    permissions: PermissionLists,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -388,7 +395,11 @@ pub(crate) async fn load(client: &Client, metadata: &str) -> Result<Model, Hasur
             });
         }
         relationships.sort_by(|a, b| a.name.cmp(&b.name));
-        tables.push((entry.table.clone(), relationships));
+        tables.push((
+            entry.table.clone(),
+            relationships,
+            entry.permissions.clone(),
+        ));
     }
     let functions = super::function::load(client, &tracked_functions, find).await?;
 
@@ -397,7 +408,7 @@ pub(crate) async fn load(client: &Client, metadata: &str) -> Result<Model, Hasur
         tables: tables
             .into_iter()
             .zip(catalog)
-            .map(|((name, relationships), catalog)| Table {
+            .map(|((name, relationships, permission_lists), catalog)| Table {
                 gql_name: gql_table_name(&name.schema, &name.name),
                 schema: name.schema,
                 name: name.name,
@@ -405,6 +416,8 @@ pub(crate) async fn load(client: &Client, metadata: &str) -> Result<Model, Hasur
                 primary_key: catalog.primary_key,
                 unique_constraints: catalog.unique_constraints,
                 relationships,
+                permission_lists,
+                role: None,
             })
             .collect(),
     })

@@ -22,6 +22,11 @@ pub(crate) mod code {
     pub const UNEXPECTED: &str = "unexpected";
     pub const UNEXPECTED_PAYLOAD: &str = "unexpected-payload";
     pub const START_FAILED: &str = "start-failed";
+    pub const NOT_FOUND: &str = "not-found";
+    pub const INVALID_JWT: &str = "invalid-jwt";
+    pub const INVALID_HEADERS: &str = "invalid-headers";
+    pub const JWT_INVALID_CLAIMS: &str = "jwt-invalid-claims";
+    pub const JWT_MISSING_ROLE_CLAIMS: &str = "jwt-missing-role-claims";
     /// Not Hasura's: marks mutation fields skipped after an earlier field failed, so that the
     /// response carries only the error that rolled the transaction back.
     pub const SKIPPED: &str = "skipped";
@@ -210,7 +215,22 @@ pub(crate) fn from_server_error(
     if message.starts_with("internal:") {
         return GqlError::unexpected(message);
     }
-    if message.starts_with("Invalid value for argument") {
+    if let Some(rest) = message.strip_prefix("Invalid value for argument \"") {
+        // `Invalid value for argument "_set", unknown field "x" of type "t"`: Hasura's input
+        // parser reports `field 'x' not found in type: 't'` as a validation failure at the
+        // field's path.
+        if let Some((_argument, detail)) = rest.split_once("\", unknown field \"")
+            && let Some((field, on_type)) = detail.split_once("\" of type \"")
+        {
+            // `field_path` already points at the argument's value.
+            return GqlError::validation(
+                format!("{field_path}.{field}"),
+                format!(
+                    "field '{field}' not found in type: '{}'",
+                    on_type.trim_end_matches('"')
+                ),
+            );
+        }
         return GqlError::new(code::PARSE_FAILED, field_path, message);
     }
     if let Some(rest) = message.strip_prefix("Unknown operation named \"") {

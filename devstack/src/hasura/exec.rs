@@ -19,6 +19,7 @@ use async_graphql::{Name, Positioned, Request, Value, Variables};
 use deadpool_postgres::{Object, Pool};
 
 use super::error::{GqlError, code, from_postgres, from_server_error};
+use super::permissions::SessionVariables;
 use super::sql::Statement;
 
 /// A checked request, ready to execute (repeatedly, for a live query).
@@ -136,6 +137,7 @@ pub(crate) fn prepare(raw: RawRequest) -> Result<Prepared, GqlError> {
         .map_err(|_| GqlError::validation("$.query", "not a valid graphql query"))?;
 
     let key = select_operation(&document, operation_name.as_deref())?;
+    keep_only_selected(&mut document, key.as_ref());
     let Some(operation) = operation(&document, key.as_ref()) else {
         return Err(GqlError::unexpected("the selected operation disappeared"));
     };
@@ -227,6 +229,46 @@ fn select_operation(
     }
 }
 
+/// Like Hasura, which parses and validates only the operation it runs (and the fragments it
+/// uses): the other operations of the document, and unused fragments, are dropped. Clients
+/// such as graphql_client send a whole file of operations, some of which a role's schema may
+/// not be able to validate.
+fn keep_only_selected(document: &mut ExecutableDocument, key: Option<&Name>) {
+    if let (DocumentOperations::Multiple(ops), Some(key)) = (&mut document.operations, key) {
+        ops.retain(|name, _| name == key);
+    }
+    let Some(operation) = operation(document, key) else {
+        return;
+    };
+    let mut used = std::collections::BTreeSet::new();
+    used_fragments(document, &operation.node.selection_set, &mut used);
+    document.fragments.retain(|name, _| used.contains(name));
+}
+
+fn used_fragments(
+    document: &ExecutableDocument,
+    set: &Positioned<SelectionSet>,
+    used: &mut std::collections::BTreeSet<Name>,
+) {
+    for selection in &set.node.items {
+        match &selection.node {
+            Selection::Field(field) => used_fragments(document, &field.node.selection_set, used),
+            Selection::FragmentSpread(spread) => {
+                let name = &spread.node.fragment_name.node;
+                // Inserting first stops a fragment cycle (a validation error of its own).
+                if used.insert(name.clone())
+                    && let Some(fragment) = document.fragments.get(name)
+                {
+                    used_fragments(document, &fragment.node.selection_set, used);
+                }
+            }
+            Selection::InlineFragment(fragment) => {
+                used_fragments(document, &fragment.node.selection_set, used);
+            }
+        }
+    }
+}
+
 fn operation<'d>(
     document: &'d ExecutableDocument,
     key: Option<&Name>,
@@ -286,14 +328,20 @@ impl Outcome {
     }
 }
 
-/// Executes `prepared` with a fresh database session.
-pub(crate) async fn execute(schema: &Schema, pool: &Pool, prepared: &Prepared) -> Outcome {
+/// Executes `prepared` with a fresh database session, as the role and with the session
+/// variables of `vars` (`schema` is that role's).
+pub(crate) async fn execute(
+    schema: &Schema,
+    pool: &Pool,
+    prepared: &Prepared,
+    vars: &Arc<SessionVariables>,
+) -> Outcome {
     let access = if prepared.kind == OperationType::Mutation {
         Access::ReadWrite
     } else {
         Access::ReadOnlySnapshot
     };
-    let session = Arc::new(Session::new(pool.clone(), access));
+    let session = Arc::new(Session::new(pool.clone(), access, vars.clone()));
     let mut request = Request::new(String::new())
         .variables(prepared.variables.clone())
         .data(session.clone());
@@ -318,6 +366,10 @@ pub(crate) async fn execute(schema: &Schema, pool: &Pool, prepared: &Prepared) -
         if prepared.kind == OperationType::Subscription {
             // The document ran against query_root, but the client asked subscription_root.
             error.message = error.message.replace("'query_root'", "'subscription_root'");
+        }
+        if vars.role != super::ADMIN_ROLE {
+            // Hasura shows the failing statement only to admin.
+            error.internal = None;
         }
         return Outcome::Error(error);
     }
@@ -364,6 +416,8 @@ enum Access {
 pub(crate) struct Session {
     pool: Pool,
     access: Access,
+    /// The request's role and session variables, for the permissions' conditions.
+    pub vars: Arc<SessionVariables>,
     connection: tokio::sync::Mutex<Option<Object>>,
     /// Set by the first failing field: the transaction is aborted, so later fields are not run
     /// (a mutation's later fields must not run at all) and report a placeholder error that the
@@ -381,10 +435,11 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    fn new(pool: Pool, access: Access) -> Self {
+    fn new(pool: Pool, access: Access, vars: Arc<SessionVariables>) -> Self {
         Self {
             pool,
             access,
+            vars,
             connection: tokio::sync::Mutex::new(None),
             failed: AtomicBool::new(false),
         }
@@ -448,6 +503,20 @@ impl Session {
             .query_typed(&statement.sql, &statement.params())
             .await
             .map_err(|e| from_postgres(&e, &statement.sql, constraint_path))?;
+        if let Some(check_path) = &statement.check_path {
+            for row in &rows {
+                let passed: Option<bool> = row
+                    .try_get(1)
+                    .map_err(|e| from_postgres(&e, &statement.sql, "$"))?;
+                if passed != Some(true) {
+                    return Err(GqlError::new(
+                        code::PERMISSION_ERROR,
+                        check_path.clone(),
+                        "check constraint of an insert/update permission has failed",
+                    ));
+                }
+            }
+        }
         rows.iter()
             .map(|row| {
                 let text: Option<String> = row

@@ -19,7 +19,7 @@ use super::HasuraError;
 use super::catalog::{QualifiedName, quote_ident, scalar_for};
 
 /// A tracked function.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Function {
     pub schema: String,
     pub name: String,
@@ -34,7 +34,7 @@ pub(crate) struct Function {
     pub volatility: &'static str,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Argument {
     pub name: String,
     /// For the cast of its text parameter.

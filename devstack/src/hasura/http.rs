@@ -8,9 +8,10 @@ use axum::response::{IntoResponse, Response};
 
 use async_graphql::parser::types::OperationType;
 
+use super::App;
+use super::auth::Identity;
 use super::error::{GqlError, code};
 use super::exec::{self, RawRequest};
-use super::{App, check_admin_secret};
 
 pub(crate) async fn graphql(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Response {
     // Run the request in its own task, so that a client hanging up mid-mutation cannot stop
@@ -37,15 +38,17 @@ pub(crate) async fn healthz() -> &'static str {
 }
 
 async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> String {
-    let secret = app.engine.options.admin_secret.as_deref();
-    if let Err(error) = check_admin_secret(secret, |name| {
+    let names: Vec<String> = headers.keys().map(|n| n.as_str().to_owned()).collect();
+    let lookup = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
-    }) {
-        return error.to_response_json();
-    }
+    };
+    let identity = match app.engine.authenticate(&lookup, &names).await {
+        Ok(identity) => identity,
+        Err(error) => return error.to_response_json(),
+    };
     let json: serde_json::Value = match serde_json::from_slice(body) {
         Ok(json) => json,
         Err(e) => {
@@ -58,15 +61,15 @@ async fn handle(app: &App, headers: &HeaderMap, body: &[u8]) -> String {
         serde_json::Value::Array(requests) => {
             let mut bodies = Vec::with_capacity(requests.len());
             for request in &requests {
-                bodies.push(handle_one(app, request).await);
+                bodies.push(handle_one(app, &identity, request).await);
             }
             format!("[{}]", bodies.join(","))
         }
-        request => handle_one(app, &request).await,
+        request => handle_one(app, &identity, &request).await,
     }
 }
 
-async fn handle_one(app: &App, request: &serde_json::Value) -> String {
+async fn handle_one(app: &App, identity: &Identity, request: &serde_json::Value) -> String {
     let prepared = match RawRequest::from_json(request).and_then(exec::prepare) {
         Ok(prepared) => prepared,
         Err(error) => return error.to_response_json(),
@@ -79,7 +82,8 @@ async fn handle_one(app: &App, request: &serde_json::Value) -> String {
         )
         .to_response_json();
     }
-    exec::execute(&app.engine.schema, &app.engine.pool, &prepared)
+    let schema = app.engine.schema_for(&identity.vars.role);
+    exec::execute(schema, &app.engine.pool, &prepared, &identity.vars)
         .await
         .into_http_body()
 }

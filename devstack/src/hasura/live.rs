@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Engine;
 use super::exec::{self, Outcome, Prepared};
+use super::permissions::SessionVariables;
 
 /// The NOTIFY channel the triggers of `notify.sql` use.
 pub(crate) const CHANNEL: &str = "devstack_table_changes";
@@ -133,6 +134,8 @@ pub(crate) async fn run_listener(
 pub(crate) struct LiveQuery {
     engine: Arc<Engine>,
     prepared: Prepared,
+    /// The subscriber's role and session variables: each subscriber sees only its rows.
+    vars: Arc<SessionVariables>,
     cancel: CancellationToken,
     changes: broadcast::Receiver<Arc<str>>,
     changes_closed: bool,
@@ -144,7 +147,12 @@ pub(crate) struct LiveQuery {
 }
 
 impl LiveQuery {
-    pub fn new(engine: Arc<Engine>, prepared: Prepared, cancel: CancellationToken) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        prepared: Prepared,
+        vars: Arc<SessionVariables>,
+        cancel: CancellationToken,
+    ) -> Self {
         // Subscribe before the first run: a change committed after its snapshot is then queued.
         let changes = engine.changes.subscribe();
         let tables = prepared
@@ -172,6 +180,7 @@ impl LiveQuery {
         Self {
             engine,
             prepared,
+            vars,
             cancel,
             changes,
             changes_closed: false,
@@ -194,7 +203,12 @@ impl LiveQuery {
             }
             let outcome = tokio::select! {
                 _ = self.cancel.cancelled() => return None,
-                outcome = exec::execute(&self.engine.schema, &self.engine.pool, &self.prepared) => outcome,
+                outcome = exec::execute(
+                    self.engine.schema_for(&self.vars.role),
+                    &self.engine.pool,
+                    &self.prepared,
+                    &self.vars,
+                ) => outcome,
             };
             let body = live_body(&outcome);
             if self.last_body.as_ref() != Some(&body) {

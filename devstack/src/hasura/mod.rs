@@ -15,15 +15,21 @@
 //! - Tracked functions that return a tracked table's rows, as queries or mutations (see
 //!   `function.rs`).
 //!
+//! - Roles: admin (the admin secret) and the roles the metadata's permissions name, each with
+//!   its own schema and row conditions (`permissions.rs`); JWT mode decides a request's role
+//!   (`auth.rs`).
+//!
 //! Left out, as our services do not use them: aggregates, `distinct_on`, streaming
-//! subscriptions, nested inserts, permissions other than admin, remote schemas and actions.
+//! subscriptions, nested inserts, column presets, remote schemas and actions.
 
+mod auth;
 mod catalog;
 mod error;
 mod exec;
 mod function;
 mod http;
 mod live;
+mod permissions;
 mod resolve;
 mod schema;
 mod sql;
@@ -38,7 +44,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 
-use self::error::{GqlError, code};
+pub(crate) use self::auth::ADMIN_ROLE;
+pub use self::auth::{DEFAULT_CLAIMS_NAMESPACE, JwtSecret};
 
 /// The NOTIFY triggers live queries listen to; devstack only.
 const NOTIFY_SQL: &str = include_str!("../../sql/notify.sql");
@@ -64,6 +71,9 @@ const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(2);
 pub struct HasuraOptions {
     /// `HASURA_GRAPHQL_ADMIN_SECRET`; `None` serves without authentication.
     pub admin_secret: Option<String>,
+    /// `HASURA_GRAPHQL_JWT_SECRET`: requests without the admin secret are verified as JWTs
+    /// and run as the token's role (needs `admin_secret`, as in Hasura).
+    pub jwt_secret: Option<JwtSecret>,
     /// `HASURA_GRAPHQL_LIVE_QUERIES_MULTIPLEXED_REFETCH_INTERVAL` (default 1 s). Live queries are
     /// also re-run at once when a row trigger's NOTIFY says a tracked table changed.
     pub refetch_interval: Duration,
@@ -77,6 +87,7 @@ impl Default for HasuraOptions {
     fn default() -> Self {
         Self {
             admin_secret: None,
+            jwt_secret: None,
             refetch_interval: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(5),
             connection_init_timeout: Duration::from_secs(3),
@@ -110,6 +121,8 @@ pub enum HasuraError {
     Schema(String),
     #[error("could not create the connection pool: {0}")]
     Pool(String),
+    #[error("invalid JWT secret: {0}")]
+    Jwt(String),
 }
 
 /// The stand-in: a GraphQL schema generated from the tracked tables, bound to a database.
@@ -122,7 +135,13 @@ pub struct Hasura {
 
 /// Everything requests share.
 pub(crate) struct Engine {
+    /// The admin schema.
     schema: async_graphql::dynamic::Schema,
+    /// Each role's schema ([`catalog::Model::for_role`]), and the empty one of a role no
+    /// permission names.
+    role_schemas: std::collections::HashMap<String, async_graphql::dynamic::Schema>,
+    empty_schema: async_graphql::dynamic::Schema,
+    jwt: Option<auth::JwtVerifier>,
     model: Arc<catalog::Model>,
     pool: deadpool_postgres::Pool,
     options: HasuraOptions,
@@ -216,6 +235,21 @@ impl Hasura {
 
         let model = Arc::new(model);
         let schema = schema::build(&model).map_err(|e| HasuraError::Schema(e.0))?;
+        let mut role_schemas = std::collections::HashMap::new();
+        for role in model.roles() {
+            let role_model = Arc::new(model.for_role(&role));
+            let built = schema::build(&role_model)
+                .map_err(|e| HasuraError::Schema(format!("role {role}: {}", e.0)))?;
+            role_schemas.insert(role, built);
+        }
+        let empty_schema = schema::build(&Arc::new(model.for_role("")))
+            .map_err(|e| HasuraError::Schema(format!("empty role: {}", e.0)))?;
+        let jwt = options
+            .jwt_secret
+            .clone()
+            .map(auth::JwtVerifier::new)
+            .transpose()
+            .map_err(HasuraError::Jwt)?;
 
         let manager = deadpool_postgres::Manager::from_config(
             config.clone(),
@@ -255,6 +289,9 @@ impl Hasura {
         Ok(Self {
             engine: Arc::new(Engine {
                 schema,
+                role_schemas,
+                empty_schema,
+                jwt,
                 model,
                 pool,
                 options,
@@ -269,6 +306,11 @@ impl Hasura {
     /// The generated schema in SDL: what `schema.graphql` holds.
     pub fn sdl(&self) -> String {
         self.engine.schema.sdl()
+    }
+
+    /// The schema `role` sees, in SDL.
+    pub fn sdl_for_role(&self, role: &str) -> String {
+        self.engine.schema_for(role).sdl()
     }
 
     /// `POST /v1/graphql` (queries, mutations), `GET /v1/graphql` (WebSocket), `GET /healthz`.
@@ -353,32 +395,33 @@ async fn install_notify_triggers(
     transaction.commit().await.map_err(install)
 }
 
-/// Hasura's admin-secret check: `x-hasura-admin-secret` (or the deprecated
-/// `x-hasura-access-key`), looked up by lower-case name.
-pub(crate) fn check_admin_secret(
-    expected: Option<&str>,
-    header: impl Fn(&str) -> Option<String>,
-) -> Result<(), GqlError> {
-    let Some(expected) = expected else {
-        return Ok(());
-    };
-    let given = header("x-hasura-admin-secret").or_else(|| header("x-hasura-access-key"));
-    match given {
-        None => Err(GqlError::new(
-            code::ACCESS_DENIED,
-            "$",
-            "x-hasura-admin-secret/x-hasura-access-key required, but not found",
-        )),
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(GqlError::new(
-            code::ACCESS_DENIED,
-            "$",
-            "invalid x-hasura-admin-secret/x-hasura-access-key",
-        )),
+impl Engine {
+    /// The schema requests of `role` run against.
+    pub(crate) fn schema_for(&self, role: &str) -> &async_graphql::dynamic::Schema {
+        if role == ADMIN_ROLE {
+            &self.schema
+        } else {
+            self.role_schemas.get(role).unwrap_or(&self.empty_schema)
+        }
+    }
+
+    /// The identity of a request with these headers (looked up by lower-case name).
+    pub(crate) async fn authenticate(
+        &self,
+        header: &(dyn Fn(&str) -> Option<String> + Sync),
+        names: &[String],
+    ) -> Result<auth::Identity, error::GqlError> {
+        auth::authenticate(
+            self.options.admin_secret.as_deref(),
+            self.jwt.as_ref(),
+            header,
+            names,
+        )
+        .await
     }
 }
 
 /// Compares without an early exit, so response time does not reveal a matching prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

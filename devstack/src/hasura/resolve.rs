@@ -112,8 +112,14 @@ pub(crate) fn select(model: Arc<Model>, table: usize) -> Resolver {
         FieldFuture::new(async move {
             guarded(&ctx, async {
                 let path = field_path(&ctx);
-                let statement =
-                    sql::select(&model, table, &select_args(&ctx)?, &Vec::new(), &path)?;
+                let statement = sql::select(
+                    &model,
+                    &session(&ctx)?.vars,
+                    table,
+                    &select_args(&ctx)?,
+                    &Vec::new(),
+                    &path,
+                )?;
                 let rows = session(&ctx)?.rows(&statement, "$").await?;
                 Ok(Some(rows_value(rows)))
             })
@@ -132,6 +138,7 @@ pub(crate) fn function(model: Arc<Model>, function: usize) -> Resolver {
                 let path = field_path(&ctx);
                 let statement = sql::select_function(
                     &model,
+                    &session(&ctx)?.vars,
                     &model.functions[function],
                     arg(&ctx, "args"),
                     &select_args(&ctx)?,
@@ -178,7 +185,14 @@ pub(crate) fn select_by_pk(model: Arc<Model>, table: usize) -> Resolver {
                     filter: Some(by_pk_filter(&model, table, &ctx, None, &path)?),
                     ..SelectArgs::default()
                 };
-                let statement = sql::select(&model, table, &args, &Vec::new(), &path)?;
+                let statement = sql::select(
+                    &model,
+                    &session(&ctx)?.vars,
+                    table,
+                    &args,
+                    &Vec::new(),
+                    &path,
+                )?;
                 let rows = session(&ctx)?.rows(&statement, "$").await?;
                 Ok(rows.into_iter().next().map(FieldValue::owned_any))
             })
@@ -225,6 +239,7 @@ pub(crate) fn insert(model: Arc<Model>, table: usize, one: bool) -> Resolver {
                 } else {
                     let statement = sql::insert(
                         &model,
+                        &session(&ctx)?.vars,
                         table,
                         &maps,
                         arg(&ctx, "on_conflict"),
@@ -262,6 +277,7 @@ pub(crate) fn update(model: Arc<Model>, table: usize, by_pk: bool) -> Resolver {
                 };
                 let statement = sql::update(
                     &model,
+                    &session(&ctx)?.vars,
                     table,
                     arg(&ctx, "_set"),
                     arg(&ctx, "_inc"),
@@ -291,7 +307,8 @@ pub(crate) fn delete(model: Arc<Model>, table: usize, by_pk: bool) -> Resolver {
                 } else {
                     Filter::BoolExp(arg(&ctx, "where"))
                 };
-                let statement = sql::delete(&model, table, &filter, &args_path)?;
+                let statement =
+                    sql::delete(&model, &session(&ctx)?.vars, table, &filter, &args_path)?;
                 let rows = session(&ctx)?.rows(&statement, "$").await?;
                 Ok(mutation_output(rows, by_pk))
             })
@@ -370,7 +387,14 @@ pub(crate) fn relationship(model: Arc<Model>, table: usize, relationship: usize)
                     RelationshipKind::Array => select_args(&ctx)?,
                     RelationshipKind::Object => SelectArgs::default(),
                 };
-                let statement = sql::select(&model, rel.remote, &args, &join, &path)?;
+                let statement = sql::select(
+                    &model,
+                    &session(&ctx)?.vars,
+                    rel.remote,
+                    &args,
+                    &join,
+                    &path,
+                )?;
                 let rows = session(&ctx)?.rows(&statement, "$").await?;
                 Ok(match rel.kind {
                     RelationshipKind::Array => Some(rows_value(rows)),

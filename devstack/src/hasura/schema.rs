@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use async_graphql::Value;
 use async_graphql::dynamic::{
-    Enum, EnumItem, Field, InputObject, InputValue, Object, Scalar, Schema, SchemaError,
-    Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
+    Enum, EnumItem, Field, FieldFuture, InputObject, InputValue, Object, Scalar, Schema,
+    SchemaError, Subscription, SubscriptionField, SubscriptionFieldFuture, TypeRef,
 };
 
 use super::catalog::{Model, RelationshipKind, Table};
@@ -125,7 +125,7 @@ fn select_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
         arguments: select_arguments(t),
         resolver: resolve::select(model.clone(), index),
     }];
-    if !t.primary_key.is_empty() {
+    if t.pk_selectable() {
         fields.push(RootField {
             name: format!("{}_by_pk", t.gql_name),
             ty: TypeRef::named(&t.gql_name),
@@ -187,9 +187,16 @@ fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
     let t = model.table(index);
     let n = &t.gql_name;
     let qualified = t.qualified_name();
-    let has_inc = t.columns.iter().any(|c| c.numeric);
-    let has_pk = !t.primary_key.is_empty();
-    let has_conflict = !t.unique_constraints.is_empty();
+    let update_columns = t.update_columns();
+    let can_update = update_columns.as_ref().is_some_and(|c| !c.is_empty());
+    let has_inc = update_columns
+        .as_ref()
+        .is_some_and(|c| c.iter().any(|c| c.numeric));
+    let can_insert = t.insert_columns().is_some();
+    let can_delete = t.can_delete();
+    let has_pk = t.pk_selectable();
+    // An upsert needs the update permission too.
+    let has_conflict = !t.unique_constraints.is_empty() && can_update;
     let response = format!("{n}_mutation_response");
     let update_args = |target: InputValue| {
         let mut args = Vec::new();
@@ -220,8 +227,9 @@ fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
         args
     };
 
-    let mut fields = vec![
-        RootField {
+    let mut fields = Vec::new();
+    if can_delete {
+        fields.push(RootField {
             name: format!("delete_{n}"),
             ty: TypeRef::named(&response),
             description: format!("delete data from the table: \"{qualified}\""),
@@ -231,8 +239,10 @@ fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
                 Some("filter the rows which have to be deleted"),
             )],
             resolver: resolve::delete(model.clone(), index, false),
-        },
-        RootField {
+        });
+    }
+    if can_insert {
+        fields.push(RootField {
             name: format!("insert_{n}"),
             ty: TypeRef::named(&response),
             description: format!("insert data into the table: \"{qualified}\""),
@@ -242,8 +252,8 @@ fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
                 Some("the rows to be inserted"),
             )),
             resolver: resolve::insert(model.clone(), index, false),
-        },
-        RootField {
+        });
+        fields.push(RootField {
             name: format!("insert_{n}_one"),
             ty: TypeRef::named(n),
             description: format!("insert a single row into the table: \"{qualified}\""),
@@ -253,8 +263,10 @@ fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
                 Some("the row to be inserted"),
             )),
             resolver: resolve::insert(model.clone(), index, true),
-        },
-        RootField {
+        });
+    }
+    if can_update {
+        fields.push(RootField {
             name: format!("update_{n}"),
             ty: TypeRef::named(&response),
             description: format!("update data of the table: \"{qualified}\""),
@@ -264,9 +276,9 @@ fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
                 Some("filter the rows which have to be updated"),
             )),
             resolver: resolve::update(model.clone(), index, false),
-        },
-    ];
-    if has_pk {
+        });
+    }
+    if has_pk && can_delete {
         fields.push(RootField {
             name: format!("delete_{n}_by_pk"),
             ty: TypeRef::named(n),
@@ -274,6 +286,8 @@ fn mutation_root_fields(model: &Arc<Model>, index: usize) -> Vec<RootField> {
             arguments: pk_arguments(t),
             resolver: resolve::delete(model.clone(), index, true),
         });
+    }
+    if has_pk && can_update {
         fields.push(RootField {
             name: format!("update_{n}_by_pk"),
             ty: TypeRef::named(n),
@@ -339,8 +353,10 @@ fn table_types(model: &Arc<Model>, index: usize, builder: &mut Vec<TypeDef>) {
     let t = model.table(index);
     let n = &t.gql_name;
     let qualified = t.qualified_name();
-    let mut columns: Vec<_> = t.columns.iter().collect();
+    let mut columns: Vec<_> = t.select_columns();
     columns.sort_by(|a, b| a.name.cmp(&b.name));
+    let insert_columns = sorted(t.insert_columns());
+    let update_columns = sorted(t.update_columns()).filter(|c| !c.is_empty());
 
     // The object type: columns and relationships, alphabetically.
     enum Member<'a> {
@@ -464,42 +480,50 @@ fn table_types(model: &Arc<Model>, index: usize, builder: &mut Vec<TypeDef>) {
     }
     builder.push(TypeDef::Input(order_by));
 
-    let column_enum = |name: String, description: String| {
-        columns
-            .iter()
+    let column_enum = |list: &[&super::catalog::Column], name: String, description: String| {
+        list.iter()
             .fold(Enum::new(name).description(description), |e, c| {
                 e.item(EnumItem::new(&c.name).description("column name"))
             })
     };
     // `<t>_select_column` is left out with `distinct_on`, its only use.
 
-    let scalar_input = |name: String, description: String, only_numeric: bool| {
-        columns
-            .iter()
+    let scalar_input = |list: &[&super::catalog::Column],
+                        name: String,
+                        description: String,
+                        only_numeric: bool| {
+        list.iter()
             .filter(|c| !only_numeric || c.numeric)
             .fold(InputObject::new(name).description(description), |o, c| {
                 o.field(InputValue::new(&c.name, TypeRef::named(&c.scalar)))
             })
     };
-    builder.push(TypeDef::Input(scalar_input(
-        format!("{n}_insert_input"),
-        format!("input type for inserting data into table \"{qualified}\""),
-        false,
-    )));
-    builder.push(TypeDef::Input(scalar_input(
-        format!("{n}_set_input"),
-        format!("input type for updating data in table \"{qualified}\""),
-        false,
-    )));
-    if columns.iter().any(|c| c.numeric) {
+    if let Some(insert_columns) = insert_columns.as_deref().filter(|c| !c.is_empty()) {
         builder.push(TypeDef::Input(scalar_input(
-            format!("{n}_inc_input"),
-            format!("input type for incrementing numeric columns in table \"{qualified}\""),
-            true,
+            insert_columns,
+            format!("{n}_insert_input"),
+            format!("input type for inserting data into table \"{qualified}\""),
+            false,
         )));
     }
+    if let Some(update_columns) = update_columns.as_deref() {
+        builder.push(TypeDef::Input(scalar_input(
+            update_columns,
+            format!("{n}_set_input"),
+            format!("input type for updating data in table \"{qualified}\""),
+            false,
+        )));
+        if update_columns.iter().any(|c| c.numeric) {
+            builder.push(TypeDef::Input(scalar_input(
+                update_columns,
+                format!("{n}_inc_input"),
+                format!("input type for incrementing numeric columns in table \"{qualified}\""),
+                true,
+            )));
+        }
+    }
 
-    if !t.primary_key.is_empty() {
+    if t.pk_selectable() && update_columns.is_some() {
         let mut pk = InputObject::new(format!("{n}_pk_columns_input"))
             .description(format!("primary key columns input for table: {qualified}"));
         for argument in pk_arguments(t) {
@@ -508,7 +532,11 @@ fn table_types(model: &Arc<Model>, index: usize, builder: &mut Vec<TypeDef>) {
         builder.push(TypeDef::Input(pk));
     }
 
-    if !t.unique_constraints.is_empty() {
+    if let (false, Some(update_columns), Some(_)) = (
+        t.unique_constraints.is_empty(),
+        update_columns.as_deref(),
+        insert_columns.as_ref(),
+    ) {
         let constraint = t.unique_constraints.iter().fold(
             Enum::new(format!("{n}_constraint")).description(format!(
                 "unique or primary key constraints on table \"{qualified}\""
@@ -517,6 +545,7 @@ fn table_types(model: &Arc<Model>, index: usize, builder: &mut Vec<TypeDef>) {
         );
         builder.push(TypeDef::Enum(constraint));
         builder.push(TypeDef::Enum(column_enum(
+            update_columns,
             format!("{n}_update_column"),
             format!("update columns of table \"{qualified}\""),
         )));
@@ -565,6 +594,13 @@ fn table_types(model: &Arc<Model>, index: usize, builder: &mut Vec<TypeDef>) {
     builder.push(TypeDef::Object(response));
 }
 
+fn sorted(list: Option<Vec<&super::catalog::Column>>) -> Option<Vec<&super::catalog::Column>> {
+    list.map(|mut list| {
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    })
+}
+
 enum TypeDef {
     Object(Object),
     Input(InputObject),
@@ -602,9 +638,21 @@ pub(crate) fn build(model: &Arc<Model>) -> Result<Schema, SchemaError> {
     subscription_fields.sort_by(|a, b| a.name.cmp(&b.name));
     mutation_fields.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let query_root = query_fields
+    // A role that may read nothing gets Hasura's placeholder query root field; mutation and
+    // subscription roots exist only with fields (a mutation is then "no mutations exist").
+    let no_queries = query_fields.is_empty();
+    let has_mutations = !mutation_fields.is_empty();
+    let has_subscriptions = !subscription_fields.is_empty();
+    let mut query_root = query_fields
         .into_iter()
         .fold(Object::new(QUERY_ROOT), |o, f| o.field(object_field(f)));
+    if no_queries {
+        query_root = query_root.field(Field::new(
+            "no_queries_available",
+            TypeRef::named_nn(TypeRef::STRING),
+            |_| FieldFuture::from_value(Some(Value::from("There are no queries available to the current role. Either there are no sources or there are no tables tracked with the current role."))),
+        ));
+    }
     let mutation_root = mutation_fields
         .into_iter()
         .fold(Object::new(MUTATION_ROOT), |o, f| o.field(object_field(f)));
@@ -639,11 +687,19 @@ pub(crate) fn build(model: &Arc<Model>) -> Result<Schema, SchemaError> {
         |e, (value, description)| e.item(EnumItem::new(*value).description(*description)),
     );
 
-    let mut builder = Schema::build(QUERY_ROOT, Some(MUTATION_ROOT), Some(SUBSCRIPTION_ROOT))
-        .register(query_root)
-        .register(mutation_root)
-        .register(subscription_root)
-        .register(order_by);
+    let mut builder = Schema::build(
+        QUERY_ROOT,
+        has_mutations.then_some(MUTATION_ROOT),
+        has_subscriptions.then_some(SUBSCRIPTION_ROOT),
+    )
+    .register(query_root)
+    .register(order_by);
+    if has_mutations {
+        builder = builder.register(mutation_root);
+    }
+    if has_subscriptions {
+        builder = builder.register(subscription_root);
+    }
     for scalar in scalars {
         let name = scalar.to_owned();
         builder = builder

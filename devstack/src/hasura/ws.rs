@@ -22,10 +22,12 @@ use futures::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::Identity;
 use super::error::{GqlError, code};
 use super::exec::{self, Outcome, Prepared, RawRequest};
 use super::live::{LiveQuery, live_body};
-use super::{App, Engine, check_admin_secret};
+use super::permissions::SessionVariables;
+use super::{App, Engine};
 
 /// Frames queued from operations to the socket before operations wait for the client.
 const OUTBOUND_CAPACITY: usize = 64;
@@ -232,6 +234,8 @@ struct Connection {
     protocol: Protocol,
     upgrade_headers: HashMap<String, String>,
     init: InitState,
+    /// Who the socket's `connection_init` says it is; its operations run as that.
+    identity: Option<Identity>,
     operations: HashMap<String, Operation>,
     next_generation: u64,
     outbound: mpsc::Sender<Outbound>,
@@ -249,6 +253,7 @@ impl Connection {
             protocol,
             upgrade_headers,
             init: InitState::Pending,
+            identity: None,
             operations: HashMap::new(),
             next_generation: 0,
             outbound,
@@ -268,6 +273,11 @@ impl Connection {
         tokio::pin!(init_deadline);
         let mut keepalive: Option<tokio::time::Interval> = None;
         let shutdown = self.app.sockets.shutdown.clone();
+        // When the token of `connection_init` expires, Hasura ends the connection (its
+        // `onJwtExpiry` thread finishes and the connection is torn down).
+        let expiry = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+        tokio::pin!(expiry);
+        let mut expiry_armed = false;
 
         let close = loop {
             let awaiting_init =
@@ -279,6 +289,11 @@ impl Connection {
                 }
                 _ = &mut init_deadline, if awaiting_init => {
                     break Some((CLOSE_INIT_TIMEOUT, "Connection initialisation timed out".to_owned()));
+                }
+                _ = &mut expiry, if expiry_armed => {
+                    tracing::debug!("GraphQL WebSocket token expired; dropping the connection");
+                    self.token.cancel();
+                    return;
                 }
                 Some(message) = from_operations.recv() => {
                     if let Some(text) = self.accept_outbound(message)
@@ -304,7 +319,14 @@ impl Connection {
                         // Protocol-level pings are answered by the WebSocket layer.
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     };
-                    let reply = self.handle(&text);
+                    let reply = self.handle(&text).await;
+                    if let Some(expires) = self.identity.as_ref().and_then(|i| i.expires) {
+                        let left = expires
+                            .duration_since(std::time::SystemTime::now())
+                            .unwrap_or(Duration::ZERO);
+                        expiry.as_mut().reset(tokio::time::Instant::now() + left);
+                        expiry_armed = true;
+                    }
                     let mut failed = false;
                     for text in reply.frames {
                         if send_text(&mut sink, text).await.is_err() {
@@ -380,13 +402,13 @@ impl Connection {
         }
     }
 
-    fn handle(&mut self, text: &str) -> Reply {
+    async fn handle(&mut self, text: &str) -> Reply {
         let message = match parse_client_message(text) {
             Ok(message) => message,
             Err(detail) => return self.malformed(&detail),
         };
         match (self.protocol, message.kind.as_str()) {
-            (_, "connection_init") => self.connection_init(message.payload),
+            (_, "connection_init") => self.connection_init(message.payload).await,
             (Protocol::Legacy, "start") | (Protocol::TransportWs, "subscribe") => {
                 // Hasura parses the payload as part of the message: a payload that is not a
                 // request with a `query` string makes the message malformed.
@@ -441,7 +463,7 @@ impl Connection {
         }
     }
 
-    fn connection_init(&mut self, payload: Option<serde_json::Value>) -> Reply {
+    async fn connection_init(&mut self, payload: Option<serde_json::Value>) -> Reply {
         // Upgrade-request headers count too; the init payload's `headers` win.
         let mut headers = self.upgrade_headers.clone();
         if let Some(serde_json::Value::Object(payload_headers)) =
@@ -455,10 +477,12 @@ impl Connection {
                 headers.insert(name.to_ascii_lowercase(), value);
             }
         }
-        let secret = self.app.engine.options.admin_secret.as_deref();
-        match check_admin_secret(secret, |name| headers.get(name).cloned()) {
-            Ok(()) => {
+        let names: Vec<String> = headers.keys().cloned().collect();
+        let lookup = |name: &str| headers.get(name).cloned();
+        match self.app.engine.authenticate(&lookup, &names).await {
+            Ok(identity) => {
                 self.init = InitState::Accepted;
+                self.identity = Some(identity);
                 Reply {
                     frames: vec![frame("connection_ack", None, None)],
                     start_keepalive: true,
@@ -548,6 +572,11 @@ impl Connection {
         );
         let task = OperationTask {
             engine: self.app.engine.clone(),
+            vars: self
+                .identity
+                .as_ref()
+                .map(|i| i.vars.clone())
+                .unwrap_or_default(),
             protocol: self.protocol,
             id,
             generation,
@@ -599,6 +628,7 @@ async fn wait_for_close_reply(stream: &mut SplitStream<WebSocket>) {
 
 struct OperationTask {
     engine: Arc<Engine>,
+    vars: Arc<SessionVariables>,
     protocol: Protocol,
     id: String,
     generation: u64,
@@ -648,7 +678,8 @@ impl OperationTask {
     /// A query or mutation: one result, then `complete`. Runs to the end even if the client
     /// stops it, so a mutation never stops half-way; its frames are then dropped.
     async fn run_once(&self, prepared: Prepared) {
-        let outcome = exec::execute(&self.engine.schema, &self.engine.pool, &prepared).await;
+        let schema = self.engine.schema_for(&self.vars.role);
+        let outcome = exec::execute(schema, &self.engine.pool, &prepared, &self.vars).await;
         let text = match (&outcome, self.protocol) {
             (Outcome::Data(body), _) => self.data_frame(body),
             (Outcome::Error(error), Protocol::Legacy) if error.during_execution => {
@@ -662,7 +693,12 @@ impl OperationTask {
     }
 
     async fn run_live(&self, prepared: Prepared) {
-        let mut live = LiveQuery::new(self.engine.clone(), prepared, self.cancel.clone());
+        let mut live = LiveQuery::new(
+            self.engine.clone(),
+            prepared,
+            self.vars.clone(),
+            self.cancel.clone(),
+        );
         let mut first = true;
         while let Some(outcome) = live.next().await {
             if let Outcome::Error(error) = &outcome

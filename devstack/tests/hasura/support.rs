@@ -152,6 +152,11 @@ impl Ws {
         ws
     }
 
+    /// The raw stream, for waiting on the connection's end.
+    pub fn stream_mut(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        &mut self.stream
+    }
+
     pub async fn send(&mut self, message: Value) {
         self.send_text(message.to_string()).await;
     }

@@ -95,11 +95,14 @@ impl Builder<'_> {
                                 )
                             })
                             .collect::<Vec<_>>();
-                        let inner = self.bool_exp(rel.remote, &remote_alias, value, &here)?;
+                        let mut conditions = join;
+                        conditions.push(self.bool_exp(rel.remote, &remote_alias, value, &here)?);
+                        // Only the related rows the role may select count.
+                        conditions.extend(self.select_permission(rel.remote, &remote_alias)?);
                         terms.push(format!(
-                            "EXISTS (SELECT 1 FROM {} AS {remote_alias} WHERE {} AND {inner})",
+                            "EXISTS (SELECT 1 FROM {} AS {remote_alias} WHERE {})",
                             self.model.table(rel.remote).sql_name(),
-                            and(join)
+                            and(conditions)
                         ));
                     } else {
                         return Err(GqlError::validation(
@@ -313,6 +316,7 @@ mod tests {
     use super::super::tests::{model, value};
     use super::super::{SelectArgs, select};
     use super::*;
+    use crate::hasura::permissions::SessionVariables;
 
     #[test]
     fn bool_exp_combines_and_or_not_and_relationships() {
@@ -326,7 +330,15 @@ mod tests {
             filter: Some(Filter::BoolExp(Some(&w))),
             ..SelectArgs::default()
         };
-        let s = select(&m, 0, &args, &Vec::new(), "$.selectionSet.x").unwrap();
+        let s = select(
+            &m,
+            &SessionVariables::default(),
+            0,
+            &args,
+            &Vec::new(),
+            "$.selectionSet.x",
+        )
+        .unwrap();
         // (serde_json's map sorts keys: `_not`, `_or`, `mandelboxes`.)
         assert_eq!(
             s.sql,
@@ -334,8 +346,8 @@ mod tests {
              (NOT (_0.\"id\" = ANY(CAST($1::text[] AS character varying[]))) AND \
              (_0.\"id\" = CAST($2::text AS character varying) OR _0.\"remaining_capacity\" > \
              CAST($3::text AS integer)) AND EXISTS (SELECT 1 FROM \"whist\".\"mandelboxes\" \
-             AS _1 WHERE _1.\"instance_id\" = _0.\"id\" AND _1.\"status\" = CAST($4::text AS \
-             character varying)))"
+             AS _1 WHERE (_1.\"instance_id\" = _0.\"id\" AND _1.\"status\" = CAST($4::text AS \
+             character varying))))"
         );
         assert_eq!(s.params().len(), 4);
     }
@@ -348,7 +360,7 @@ mod tests {
             filter: Some(Filter::BoolExp(Some(&w))),
             ..SelectArgs::default()
         };
-        let s = select(&m, 0, &args, &Vec::new(), "$").unwrap();
+        let s = select(&m, &SessionVariables::default(), 0, &args, &Vec::new(), "$").unwrap();
         assert!(s.sql.ends_with("WHERE (TRUE AND FALSE)"), "{}", s.sql);
     }
 
@@ -360,7 +372,15 @@ mod tests {
             filter: Some(Filter::BoolExp(Some(&w))),
             ..SelectArgs::default()
         };
-        let e = select(&m, 0, &args, &Vec::new(), "$.selectionSet.x").unwrap_err();
+        let e = select(
+            &m,
+            &SessionVariables::default(),
+            0,
+            &args,
+            &Vec::new(),
+            "$.selectionSet.x",
+        )
+        .unwrap_err();
         assert_eq!(e.path, "$.selectionSet.x.args.where.id._eq");
         assert_eq!(e.code, "validation-failed");
     }

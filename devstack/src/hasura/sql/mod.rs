@@ -16,6 +16,7 @@ use tokio_postgres::types::{ToSql, Type};
 use super::catalog::{Model, Table, quote_ident};
 use super::error::GqlError;
 use super::function::Function;
+use super::permissions::SessionVariables;
 
 mod filter;
 
@@ -24,6 +25,9 @@ mod filter;
 pub(crate) struct Statement {
     pub sql: String,
     params: Vec<Param>,
+    /// Set when each row comes with a second column, whether it passes the role's insert or
+    /// update `check`; a failing row aborts the request with `permission-error` at this path.
+    pub check_path: Option<String>,
 }
 
 #[derive(Debug)]
@@ -104,16 +108,40 @@ fn null_error(path: &str, type_name: &str) -> GqlError {
 
 struct Builder<'m> {
     model: &'m Model,
+    vars: &'m SessionVariables,
     params: Vec<Param>,
     aliases: usize,
 }
 
 impl<'m> Builder<'m> {
-    fn new(model: &'m Model) -> Self {
+    fn new(model: &'m Model, vars: &'m SessionVariables) -> Self {
         Self {
             model,
+            vars,
             params: Vec::new(),
             aliases: 0,
+        }
+    }
+
+    /// A permission's row condition on `alias`, with the request's session variables in it.
+    fn permission(
+        &mut self,
+        table: usize,
+        alias: &str,
+        condition: &serde_json::Value,
+    ) -> Result<String, GqlError> {
+        let resolved = self.vars.resolve(condition)?;
+        self.bool_exp(table, alias, &resolved, "$")
+    }
+
+    /// The role's select filter on `table` (none for admin).
+    fn select_permission(&mut self, table: usize, alias: &str) -> Result<Option<String>, GqlError> {
+        match &self.model.table(table).role {
+            None => Ok(None),
+            Some(role) => {
+                let filter = role.select_filter.clone();
+                self.permission(table, alias, &filter).map(Some)
+            }
         }
     }
 
@@ -143,7 +171,29 @@ impl<'m> Builder<'m> {
         Statement {
             sql,
             params: self.params,
+            check_path: None,
         }
+    }
+
+    /// A data-modifying statement whose rows come back as JSON text, each with whether it
+    /// passes `check` (a role's insert or update check) when there is one.
+    fn finish_returning(
+        mut self,
+        table: usize,
+        statement: String,
+        check: Option<&serde_json::Value>,
+        check_path: &str,
+    ) -> Result<Statement, GqlError> {
+        let Some(check) = check else {
+            return Ok(self.finish(returning_json(statement)));
+        };
+        let condition = self.permission(table, "_c", check)?;
+        let sql = format!(
+            "WITH _m AS ({statement} RETURNING *) SELECT row_to_json(_c)::text, {condition} FROM _m AS _c"
+        );
+        let mut statement = self.finish(sql);
+        statement.check_path = Some(check_path.to_owned());
+        Ok(statement)
     }
 }
 
@@ -159,12 +209,13 @@ fn and(terms: Vec<String>) -> String {
 /// rows.
 pub(crate) fn select(
     model: &Model,
+    vars: &SessionVariables,
     table: usize,
     args: &SelectArgs<'_>,
     join: &JoinValues<'_>,
     path: &str,
 ) -> Result<Statement, GqlError> {
-    let b = Builder::new(model);
+    let b = Builder::new(model, vars);
     let from = model.table(table).sql_name();
     select_from(b, table, from, args, join, path)
 }
@@ -173,12 +224,13 @@ pub(crate) fn select(
 /// ordered and limited like a select of the table whose rows they are.
 pub(crate) fn select_function(
     model: &Model,
+    vars: &SessionVariables,
     function: &Function,
     call_args: Option<&Value>,
     args: &SelectArgs<'_>,
     path: &str,
 ) -> Result<Statement, GqlError> {
-    let mut b = Builder::new(model);
+    let mut b = Builder::new(model, vars);
     let from = function.call_sql(call_args, |text, sql_type| b.cast(text, sql_type));
     select_from(b, function.returns, from, args, &Vec::new(), path)
 }
@@ -203,6 +255,8 @@ fn select_from(
     if let Some(filter) = &args.filter {
         conditions.push(b.filter(table, &alias, filter, &format!("{path}.args.where"))?);
     }
+    // Rows outside the role's select filter are silently left out.
+    conditions.extend(b.select_permission(table, &alias)?);
     let mut sql = format!(
         "SELECT row_to_json({alias})::text FROM {from} AS {alias} WHERE {}",
         and(conditions)
@@ -239,12 +293,13 @@ fn returning_json(statement: String) -> String {
 /// their default; an explicit null inserts NULL.
 pub(crate) fn insert(
     model: &Model,
+    vars: &SessionVariables,
     table: usize,
     objects: &[&IndexMap<Name, Value>],
     on_conflict: Option<&Value>,
     path: &str,
 ) -> Result<Statement, GqlError> {
-    let mut b = Builder::new(model);
+    let mut b = Builder::new(model, vars);
     let t = model.table(table);
     let alias = b.alias();
     let mut columns: Vec<&str> = Vec::new();
@@ -347,15 +402,32 @@ pub(crate) fn insert(
             }
             sql.push_str(" DO UPDATE SET ");
             sql.push_str(&sets.join(", "));
+            let mut conditions = Vec::new();
             if let Some(condition) = conflict.get("where").filter(|w| !matches!(w, Value::Null)) {
-                let condition =
-                    b.bool_exp(table, &alias, condition, &format!("{conflict_path}.where"))?;
+                conditions.push(b.bool_exp(
+                    table,
+                    &alias,
+                    condition,
+                    &format!("{conflict_path}.where"),
+                )?);
+            }
+            // The upsert updates only rows the role's update filter allows.
+            if let Some(update) = t.role.as_ref().and_then(|r| r.update.as_ref()) {
+                let filter = update.filter.clone();
+                conditions.push(b.permission(table, &alias, &filter)?);
+            }
+            if !conditions.is_empty() {
                 sql.push_str(" WHERE ");
-                sql.push_str(&condition);
+                sql.push_str(&and(conditions));
             }
         }
     }
-    Ok(b.finish(returning_json(sql)))
+    let check = t
+        .role
+        .as_ref()
+        .and_then(|r| r.insert.as_ref())
+        .map(|p| p.check.clone());
+    b.finish_returning(table, sql, check.as_ref(), path)
 }
 
 /// `$.selectionSet.f.args.objects` → `$.selectionSet.f.args`.
@@ -368,13 +440,14 @@ fn path_parent(path: &str) -> &str {
 /// `UPDATE ... SET` from `_set` and `_inc` (combinable, but not on the same column).
 pub(crate) fn update(
     model: &Model,
+    vars: &SessionVariables,
     table: usize,
     set: Option<&Value>,
     inc: Option<&Value>,
     filter: &Filter<'_>,
     args_path: &str,
 ) -> Result<Statement, GqlError> {
-    let mut b = Builder::new(model);
+    let mut b = Builder::new(model, vars);
     let t = model.table(table);
     let alias = b.alias();
     let set_fields = object_fields(set);
@@ -405,13 +478,21 @@ pub(crate) fn update(
         let param = b.cast(value_text(value), sql_type);
         assignments.push(format!("{0} = {alias}.{0} + {param}", quote_ident(name)));
     }
-    let condition = b.filter(table, &alias, filter, &filter_path(filter, args_path))?;
+    let mut conditions = vec![b.filter(table, &alias, filter, &filter_path(filter, args_path))?];
+    let permission = t.role.as_ref().and_then(|r| r.update.as_ref());
+    // Rows outside the role's update filter are not touched (0 affected rows).
+    if let Some(update) = permission {
+        let filter = update.filter.clone();
+        conditions.push(b.permission(table, &alias, &filter)?);
+    }
     let sql = format!(
-        "UPDATE {} AS {alias} SET {} WHERE {condition}",
+        "UPDATE {} AS {alias} SET {} WHERE {}",
         t.sql_name(),
-        assignments.join(", ")
+        assignments.join(", "),
+        and(conditions)
     );
-    Ok(b.finish(returning_json(sql)))
+    let check = permission.and_then(|p| p.check.clone());
+    b.finish_returning(table, sql, check.as_ref(), args_path)
 }
 
 fn object_fields(value: Option<&Value>) -> Vec<(&Name, &Value)> {
@@ -431,15 +512,24 @@ fn filter_path(filter: &Filter<'_>, args_path: &str) -> String {
 /// `DELETE ... WHERE ... RETURNING`.
 pub(crate) fn delete(
     model: &Model,
+    vars: &SessionVariables,
     table: usize,
     filter: &Filter<'_>,
     args_path: &str,
 ) -> Result<Statement, GqlError> {
-    let mut b = Builder::new(model);
+    let mut b = Builder::new(model, vars);
     let t = model.table(table);
     let alias = b.alias();
-    let condition = b.filter(table, &alias, filter, &filter_path(filter, args_path))?;
-    let sql = format!("DELETE FROM {} AS {alias} WHERE {condition}", t.sql_name());
+    let mut conditions = vec![b.filter(table, &alias, filter, &filter_path(filter, args_path))?];
+    if let Some(delete) = t.role.as_ref().and_then(|r| r.delete.as_ref()) {
+        let filter = delete.clone();
+        conditions.push(b.permission(table, &alias, &filter)?);
+    }
+    let sql = format!(
+        "DELETE FROM {} AS {alias} WHERE {}",
+        t.sql_name(),
+        and(conditions)
+    );
     Ok(b.finish(returning_json(sql)))
 }
 
@@ -478,6 +568,8 @@ mod tests {
                         mapping: vec![("id".into(), "instance_id".into())],
                         nullable: false,
                     }],
+                    permission_lists: Default::default(),
+                    role: None,
                 },
                 Table {
                     schema: "whist".into(),
@@ -491,6 +583,8 @@ mod tests {
                     primary_key: vec!["id".into()],
                     unique_constraints: vec!["mandelboxes_pkey".into()],
                     relationships: vec![],
+                    permission_lists: Default::default(),
+                    role: None,
                 },
             ],
             functions: Vec::new(),
@@ -506,7 +600,17 @@ mod tests {
         let m = model();
         let set = value(serde_json::json!({"remaining_capacity": 1}));
         let inc = value(serde_json::json!({"remaining_capacity": 1}));
-        let e = update(&m, 0, Some(&set), Some(&inc), &Filter::BoolExp(None), "$").unwrap_err();
+        let vars = SessionVariables::default();
+        let e = update(
+            &m,
+            &vars,
+            0,
+            Some(&set),
+            Some(&inc),
+            &Filter::BoolExp(None),
+            "$",
+        )
+        .unwrap_err();
         assert!(e.message.contains("multiple operators"), "{}", e.message);
     }
 }

@@ -288,7 +288,7 @@ userdata_writes_env_and_starts_the_unit() {
   local dir=$SCRATCH/ud1 secret='p@ss$word"with\back`slash' mode
   run_userdata "$dir" APP_ENV=prod HASURA_GRAPHQL_URL=https://hasura.example.com/v1/graphql \
     "HASURA_ADMIN_SECRET=$secret" SENTRY_DSN=https://k@sentry.example.com/1 \
-    WHIST_OPS_ADDR=PRIVATE_IP:4679 || {
+    WHIST_OPS_ADDR=PRIVATE_IP:4679 WHIST_OPS_ALLOW=10.20.0.0/16 || {
     cat "$dir/output"
     return 1
   }
@@ -300,7 +300,7 @@ userdata_writes_env_and_starts_the_unit() {
   "${HELPER[@]}" env-file "$dir/etc/host-service.env" APP_ENV=prod \
     HASURA_GRAPHQL_URL=https://hasura.example.com/v1/graphql "HASURA_ADMIN_SECRET=$secret" \
     WHIST_POWEROFF=true WHIST_LOG_FORMAT=json SENTRY_DSN=https://k@sentry.example.com/1 \
-    WHIST_OPS_ADDR=10.1.2.3:4679 || return 1
+    WHIST_OPS_ADDR=10.1.2.3:4679 WHIST_OPS_ALLOW=10.20.0.0/16 || return 1
   grep -qx "systemctl enable --now whist-host-service.service" "$dir/calls" || {
     echo "the unit was not enabled and started:"
     cat "$dir/calls"

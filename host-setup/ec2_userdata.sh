@@ -36,6 +36,9 @@
 #                                      the security group must then admit 4679 only from the
 #                                      monitoring network (the mandelboxes' client ports are a
 #                                      wide range that may include it).
+#   WHIST_OPS_ALLOW                    optional: CIDRs, comma-separated, allowed to reach that
+#                                      endpoint besides loopback (the monitoring network); with
+#                                      PRIVATE_IP it is what lets Prometheus in.
 #
 # RunInstances must also set: the IAM instance profile, MetadataOptions HttpTokens=required,
 # HttpPutResponseHopLimit=1 (a container is one hop further, so it cannot get an IMDSv2 token
@@ -62,6 +65,7 @@ SENTRY_DSN='{{SENTRY_DSN}}'
 WHIST_IMAGE_REGISTRY='{{WHIST_IMAGE_REGISTRY}}'
 WHIST_LOG='{{WHIST_LOG}}'
 WHIST_OPS_ADDR='{{WHIST_OPS_ADDR}}'
+WHIST_OPS_ALLOW='{{WHIST_OPS_ALLOW}}'
 
 log() { echo "whist-userdata: $*"; }
 die() {
@@ -100,7 +104,7 @@ admin_secret() {
 write_env_file() {
   local secret tmp private_ip
   for name in APP_ENV HASURA_GRAPHQL_URL HASURA_ADMIN_SECRET_SSM_PARAMETER HASURA_ADMIN_SECRET \
-    SENTRY_DSN WHIST_IMAGE_REGISTRY WHIST_LOG WHIST_OPS_ADDR; do
+    SENTRY_DSN WHIST_IMAGE_REGISTRY WHIST_LOG WHIST_OPS_ADDR WHIST_OPS_ALLOW; do
     check_value "$name" "${!name}"
   done
   case $APP_ENV in
@@ -132,6 +136,7 @@ write_env_file() {
     if [[ -n $WHIST_IMAGE_REGISTRY ]]; then echo "WHIST_IMAGE_REGISTRY='$WHIST_IMAGE_REGISTRY'"; fi
     if [[ -n $WHIST_LOG ]]; then echo "WHIST_LOG='$WHIST_LOG'"; fi
     if [[ -n $WHIST_OPS_ADDR ]]; then echo "WHIST_OPS_ADDR='$WHIST_OPS_ADDR'"; fi
+    if [[ -n $WHIST_OPS_ALLOW ]]; then echo "WHIST_OPS_ALLOW='$WHIST_OPS_ALLOW'"; fi
   } >"$tmp"
   mv -f "$tmp" "$WHIST_ETC/host-service.env"
   log "wrote $WHIST_ETC/host-service.env"

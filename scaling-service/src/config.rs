@@ -110,6 +110,14 @@ pub struct Args {
     /// Sentry DSN given to launched hosts.
     #[arg(long, env = "WHIST_HOST_SENTRY_DSN", hide_env_values = true)]
     pub host_sentry_dsn: Option<Secret<String>>,
+    /// The address of launched hosts' ops endpoint (`PRIVATE_IP:4679` binds the instance's
+    /// private IPv4 so Prometheus can scrape it). Default: the host's own, `127.0.0.1:4679`.
+    #[arg(long, env = "WHIST_HOST_OPS_ADDR")]
+    pub host_ops_addr: Option<String>,
+    /// CIDRs, comma-separated, that may reach launched hosts' ops endpoint besides loopback
+    /// (the monitoring network). Without it a private-address endpoint refuses Prometheus.
+    #[arg(long, env = "WHIST_HOST_OPS_ALLOW")]
+    pub host_ops_allow: Option<String>,
     /// Mandelboxes one user may hold at once.
     #[arg(long, env = "MANDELBOX_LIMIT_PER_USER", default_value_t = 3)]
     pub mandelboxes_per_user: usize,
@@ -175,6 +183,8 @@ pub struct Ec2Settings {
     pub host_graphql_url: String,
     pub admin_secret_parameter: String,
     pub host_sentry_dsn: Option<Secret<String>>,
+    pub host_ops_addr: Option<String>,
+    pub host_ops_allow: Option<String>,
 }
 
 /// Where hosts come from.
@@ -540,6 +550,8 @@ impl Args {
                         format!("/whist/{env}/hasura-admin-secret"),
                     )?,
                     host_sentry_dsn: self.host_sentry_dsn.clone(),
+                    host_ops_addr: self.host_ops_addr.clone().filter(|a| !a.is_empty()),
+                    host_ops_allow: self.host_ops_allow.clone().filter(|a| !a.is_empty()),
                 }))
             }
         }

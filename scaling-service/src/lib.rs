@@ -85,7 +85,8 @@ pub async fn host_handlers(
                             .map(|dsn| dsn.expose().clone()),
                         image_registry: None,
                         log_filter: None,
-                        ops_addr: None,
+                        ops_addr: settings.host_ops_addr.clone(),
+                        ops_allow: settings.host_ops_allow.clone(),
                         extra: Default::default(),
                     },
                 );

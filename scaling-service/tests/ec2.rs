@@ -184,6 +184,7 @@ fn config(endpoint: String) -> Ec2Config {
             image_registry: None,
             log_filter: Some("info".to_owned()),
             ops_addr: None,
+            ops_allow: None,
             extra: Default::default(),
         },
     );

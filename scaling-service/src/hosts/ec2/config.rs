@@ -54,6 +54,8 @@ pub struct HostServiceSettings {
     /// The host service's `/metrics`, `/healthz`, `/readyz` address (`PRIVATE_IP:PORT` is
     /// resolved on the host).
     pub ops_addr: Option<String>,
+    /// CIDRs (comma-separated) besides loopback that may reach that endpoint.
+    pub ops_allow: Option<String>,
     /// Values for placeholders this struct does not name yet (a newer template).
     pub extra: BTreeMap<String, String>,
 }

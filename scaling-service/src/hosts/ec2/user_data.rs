@@ -57,6 +57,10 @@ pub(super) fn user_data_values(
                 "WHIST_OPS_ADDR",
                 settings.ops_addr.clone().unwrap_or_default(),
             ),
+            (
+                "WHIST_OPS_ALLOW",
+                settings.ops_allow.clone().unwrap_or_default(),
+            ),
         ]
         .map(|(name, value)| (name.to_owned(), value)),
     );
@@ -130,6 +134,7 @@ mod tests {
             image_registry: None,
             log_filter: Some("info".to_owned()),
             ops_addr: Some("PRIVATE_IP:4679".to_owned()),
+            ops_allow: Some("10.20.0.0/16".to_owned()),
             extra: BTreeMap::new(),
         }
     }

@@ -58,6 +58,17 @@ fn system_options(state: &std::path::Path) -> SystemOptions {
     })
 }
 
+/// The client simulator pointed at `system`, in the bench's region.
+fn client_of(system: &System) -> Client {
+    Client::new(ClientOptions {
+        scaling_url: system.scaling_url().to_owned(),
+        control_url: Some(system.stack().control_url()),
+        regions: vec![REGION.to_owned()],
+        ..ClientOptions::default()
+    })
+    .unwrap()
+}
+
 /// Milliseconds.
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
@@ -110,13 +121,7 @@ async fn burst() {
     );
     let memory = warm_box_memory(&warm);
 
-    let client = Client::new(ClientOptions {
-        scaling_url: system.scaling_url().to_owned(),
-        control_url: Some(system.stack().control_url()),
-        regions: vec![REGION.to_owned()],
-        ..ClientOptions::default()
-    })
-    .unwrap();
+    let client = client_of(&system);
     let sessions: Vec<_> = (0..BURST)
         .map(|n| {
             let client = client.clone();
@@ -210,13 +215,7 @@ async fn run(label: &str, warm: Option<&str>) -> Vec<(&'static str, (f64, f64))>
     }
     let started = Instant::now();
     let system = System::up(options).await.unwrap();
-    let client = Client::new(ClientOptions {
-        scaling_url: system.scaling_url().to_owned(),
-        control_url: Some(system.stack().control_url()),
-        regions: vec![REGION.to_owned()],
-        ..ClientOptions::default()
-    })
-    .unwrap();
+    let client = client_of(&system);
     let mut assign = Vec::new();
     let mut json_transport = Vec::new();
     let mut first_byte = Vec::new();

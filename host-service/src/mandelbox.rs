@@ -649,7 +649,7 @@ pub async fn teardown<R: ContainerRuntime + Clone + 'static>(
 }
 
 /// A mandelbox's paths, what it may write owned by the image's user.
-fn dirs_of<R: ContainerRuntime + Clone + 'static>(
+pub(crate) fn dirs_of<R: ContainerRuntime + Clone + 'static>(
     host: &Host<R>,
     id: MandelboxId,
 ) -> MandelboxDirs {

@@ -15,7 +15,7 @@
 //! - slots of mandelboxes that never started leaked: [`Pairing::sweep`] drops them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dbclient::types::{MandelboxId, UserId};
@@ -130,11 +130,17 @@ impl Pairing {
         Self::default()
     }
 
-    fn with_slot<R>(&self, id: MandelboxId, f: impl FnOnce(&mut Slot) -> R) -> R {
-        let mut slots = match self.slots.lock() {
-            Ok(s) => s,
+    /// The slots; a panic elsewhere while holding them leaves them usable (every change to a
+    /// slot is one assignment).
+    fn lock_slots(&self) -> MutexGuard<'_, HashMap<MandelboxId, Slot>> {
+        match self.slots.lock() {
+            Ok(slots) => slots,
             Err(poisoned) => poisoned.into_inner(),
-        };
+        }
+    }
+
+    fn with_slot<R>(&self, id: MandelboxId, f: impl FnOnce(&mut Slot) -> R) -> R {
+        let mut slots = self.lock_slots();
         let slot = slots.entry(id).or_insert_with(Slot::new);
         slot.touched = Instant::now();
         f(slot)
@@ -190,10 +196,7 @@ impl Pairing {
     /// The user the mandelbox's own task said the mandelbox is for (from the row it claimed),
     /// if it said so: `None` before that, and for a mandelbox anyone may pair with.
     pub fn owning_user(&self, id: MandelboxId) -> Option<UserId> {
-        let slots = match self.slots.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let slots = self.lock_slots();
         match slots.get(&id)?.owner.as_ref()? {
             Owner::User(user) => Some(user.clone()),
             Owner::Anyone => None,
@@ -226,10 +229,7 @@ impl Pairing {
 
     /// Drops the slot when its mandelbox is torn down; anyone still waiting gets `Gone`.
     pub fn remove(&self, id: MandelboxId) {
-        let mut slots = match self.slots.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut slots = self.lock_slots();
         if let Some(slot) = slots.remove(&id) {
             // Waiters of an unanswered slot learn that it is gone rather than timing out.
             if slot.answer.borrow().is_none() {
@@ -241,20 +241,14 @@ impl Pairing {
     /// Drops slots whose mandelbox never showed up (no owner) and that nobody touched for
     /// `max_idle`. Returns how many were dropped.
     pub fn sweep(&self, max_idle: Duration) -> usize {
-        let mut slots = match self.slots.lock() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut slots = self.lock_slots();
         let before = slots.len();
         slots.retain(|_, slot| slot.owner.is_some() || slot.touched.elapsed() < max_idle);
         before - slots.len()
     }
 
     pub fn len(&self) -> usize {
-        match self.slots.lock() {
-            Ok(s) => s.len(),
-            Err(poisoned) => poisoned.into_inner().len(),
-        }
+        self.lock_slots().len()
     }
 
     pub fn is_empty(&self) -> bool {

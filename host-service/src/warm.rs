@@ -378,7 +378,7 @@ async fn claim_and_finish<R: ContainerRuntime + Clone + 'static>(
     host.pairing.set_owner(row.id, owner);
     // The session the client asked for, in place before `.configReady` (the box was prepared
     // with a host-made id; its container labels and log directory keep that one).
-    let dirs = crate::mappings::MandelboxDirs::new(&host.config.root_dir, row.id);
+    let dirs = mandelbox::dirs_of(host, row.id);
     let session_id = mandelbox::sanitize_session_id(row.session_id.as_deref());
     crate::mappings::write_session_id(&dirs, &session_id).await?;
     mandelbox::finish(host, row, handle, allocation, private_key).await
